@@ -1,0 +1,47 @@
+# The two commands a new machine needs: `make run` (daemon, with an embedded
+# throwaway Ceph cluster unless one is configured) and `make test` (everything).
+# Both call `make setup`, which installs only what is missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= /etc/rbdplugin/rbdplugin.toml
+DEV_DIR ?= /var/tmp/rbdplugin-dev
+PYTEST_ARGS ?=
+
+# Debian packages: Ceph daemons and bindings (tests and the embedded cluster),
+# the fuse mapper's tools, filesystems, and the venv module for Debian's python.
+APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-venv \
+	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl
+
+.PHONY: setup run test lint unit clean
+setup: $(STAMP)
+	@scripts/ensure-apt $(APT_PACKAGES)
+
+$(STAMP): pyproject.toml
+	@scripts/ensure-apt $(APT_PACKAGES)
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+run: setup
+	@if [ -f "$(CONFIG)" ]; then \
+		exec $(VENV)/bin/rbdplugin serve --config "$(CONFIG)"; \
+	else \
+		echo "rbdplugin: no $(CONFIG); starting an embedded throwaway Ceph cluster in $(DEV_DIR)"; \
+		exec $(VENV)/bin/rbdplugin serve --embedded-cluster "$(DEV_DIR)" --socket-dir /run/docker/plugins; \
+	fi
+
+lint: setup
+	$(VENV)/bin/ruff check rbdplugin tests
+	$(VENV)/bin/ruff format --check rbdplugin tests
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(VENV)/bin/pytest -m 'not ceph' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

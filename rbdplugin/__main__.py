@@ -1,0 +1,5 @@
+import sys
+
+from rbdplugin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The Docker Volume Plugin protocol over HTTP: transport only.
+
+Each handler decodes the body the way dockerd sends it (POST, no Content-Type,
+an empty body for Activate, ``{}`` for List and Capabilities, ``Opts: null``),
+calls one service method, and answers JSON. Every error becomes
+``{"Err": "..."}``: errors of ours with their own message, anything else with a
+generic one (the details go to the log).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from rbdplugin.errors import InvalidArgument, InvalidRequest, RbdPluginError
+from rbdplugin.service import VolumeService, VolumeView
+
+log = logging.getLogger("rbdplugin.requests")
+
+MAX_BODY = 64 * 1024
+CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
+SERVICE = web.AppKey("service", VolumeService)
+DRIVER = web.AppKey("driver", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Body = dict[str, Any]
+
+
+def reply(data: Body, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+def error_reply(message: str, status: int) -> web.Response:
+    return reply({"Err": message}, status)
+
+
+async def decode(request: web.Request) -> Body:
+    """The request's JSON object; an empty body counts as ``{}``."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise InvalidRequest(
+            f"request body is larger than the limit of {MAX_BODY // 1024} KiB"
+        ) from exc
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            f"request body must be a JSON object, not a JSON {type(body).__name__}"
+        )
+    return body
+
+
+def volume_name(body: Body) -> str:
+    if "Name" not in body:
+        raise InvalidArgument('request has no Name: send {"Name": "VOLUME", ...}')
+    name = body["Name"]
+    if not isinstance(name, str):
+        raise InvalidArgument("Name must be a string")
+    return name
+
+
+def _view(view: VolumeView, with_status: bool) -> Body:
+    out: Body = {"Name": view.name, "Mountpoint": view.mountpoint}
+    if with_status:
+        out["Status"] = view.status
+    return out
+
+
+# -- handlers ------------------------------------------------------------------------
+
+
+async def activate(request: web.Request) -> web.Response:
+    await decode(request)
+    return reply({"Implements": ["VolumeDriver"]})
+
+
+async def capabilities(request: web.Request) -> web.Response:
+    await decode(request)
+    # RBD images are reachable from every host of the cluster.
+    return reply({"Capabilities": {"Scope": "global"}})
+
+
+async def create(request: web.Request) -> web.Response:
+    body = await decode(request)
+    await request.app[SERVICE].create(volume_name(body), body.get("Opts"))
+    return reply({"Err": ""})
+
+
+async def get(request: web.Request) -> web.Response:
+    body = await decode(request)
+    view = await request.app[SERVICE].get(volume_name(body))
+    return reply({"Volume": _view(view, with_status=True), "Err": ""})
+
+
+async def list_volumes(request: web.Request) -> web.Response:
+    await decode(request)
+    views = await request.app[SERVICE].list()
+    return reply({"Volumes": [_view(v, with_status=False) for v in views], "Err": ""})
+
+
+async def path(request: web.Request) -> web.Response:
+    body = await decode(request)
+    return reply({"Mountpoint": request.app[SERVICE].path(volume_name(body)), "Err": ""})
+
+
+async def remove(request: web.Request) -> web.Response:
+    body = await decode(request)
+    await request.app[SERVICE].remove(volume_name(body))
+    return reply({"Err": ""})
+
+
+ROUTES: dict[str, Handler] = {
+    "/Plugin.Activate": activate,
+    "/VolumeDriver.Capabilities": capabilities,
+    "/VolumeDriver.Create": create,
+    "/VolumeDriver.Get": get,
+    "/VolumeDriver.List": list_volumes,
+    "/VolumeDriver.Path": path,
+    "/VolumeDriver.Remove": remove,
+}
+
+
+# -- errors and request log ------------------------------------------------------------
+
+
+def _status_of(error: RbdPluginError) -> int:
+    if isinstance(error, InvalidRequest) and not isinstance(error, InvalidArgument):
+        return 400
+    return 500
+
+
+async def _peek_name(request: web.Request) -> str:
+    # For the log line only: the body is cached by aiohttp, so handlers read it again.
+    try:
+        raw = await request.read()
+        body = json.loads(raw) if raw.strip() else {}
+    except Exception:
+        return "-"
+    name = body.get("Name", "-") if isinstance(body, dict) else "-"
+    return repr(name)[:80] if not isinstance(name, str) or not name.isprintable() else name[:80]
+
+
+@web.middleware
+async def protocol_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    driver = request.app[DRIVER]
+    endpoint = request.path.lstrip("/")
+    name = "-"
+    try:
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        name = await _peek_name(request)
+        response = await handler(request)
+        outcome = "ok"
+    except RbdPluginError as exc:
+        outcome = f"error:{exc.reason}"
+        response = error_reply(str(exc), _status_of(exc))
+    except web.HTTPNotFound:
+        outcome = "error:unknown_endpoint"
+        response = error_reply(
+            f"unknown endpoint {request.path!r}; this plugin implements {', '.join(ROUTES)}", 404
+        )
+    except web.HTTPRequestEntityTooLarge:
+        outcome = "error:invalid_request"
+        response = error_reply(
+            f"request body is larger than the limit of {MAX_BODY // 1024} KiB", 413
+        )
+    except web.HTTPMethodNotAllowed:
+        outcome = "error:method"
+        response = error_reply(f"{request.method} is not allowed: every call is a POST", 405)
+    except Exception:
+        log.exception("driver=%s endpoint=%s volume=%s: unexpected error", driver, endpoint, name)
+        outcome = "error:internal"
+        response = error_reply(
+            f"internal error in rbdplugin while handling {endpoint}; see the daemon's log", 500
+        )
+    elapsed = time.monotonic() - started
+    message = response.text if isinstance(response, web.Response) and outcome != "ok" else ""
+    log.info(
+        "driver=%s endpoint=%s volume=%s outcome=%s duration=%.3fs%s",
+        driver, endpoint, name, outcome, elapsed, f" err={message}" if message else "",
+    )  # fmt: skip
+    return response
+
+
+def build_app(driver: str, service: VolumeService) -> web.Application:
+    app = web.Application(middlewares=[protocol_errors], client_max_size=MAX_BODY)
+    app[SERVICE] = service
+    app[DRIVER] = driver
+    for route, handler in ROUTES.items():
+        app.router.add_route("*", route, handler)
+    return app

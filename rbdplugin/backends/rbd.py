@@ -1,0 +1,201 @@
+"""Volumes as RBD images in the tenant's pool(s), through librbd in-process.
+
+The image is named after the volume, so operators find ``docker volume`` ``foo``
+as ``rbd ls POOL`` ``foo``. What the plugin must remember about a volume (fstype,
+mkfs and mount options, who created it, whether it was ever formatted) lives in
+the image's own metadata, so every host sees the same thing (Scope "global").
+"""
+
+from __future__ import annotations
+
+import shlex
+from datetime import UTC, datetime
+
+import rados
+import rbd
+
+from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
+from rbdplugin.ceph import CephClient, feature_bits, feature_names
+from rbdplugin.config import TenantConfig
+from rbdplugin.errors import Conflict, InvalidArgument, NotFound, VolumeBusy
+from rbdplugin.spec import NAME_MAX, CreateRequest, VolumeSpec, validate_name
+
+META = "rbdplugin."
+# Removed-but-kept images are renamed with a character Docker names cannot hold,
+# so List no longer shows them and the name is free again.
+KEPT_MARK = "~removed-"
+
+
+class RbdBackend:
+    def __init__(self, client: CephClient, tenant: TenantConfig) -> None:
+        self.client = client
+        self.tenant = tenant
+
+    def location(self, pool: str, name: str) -> str:
+        ns = f"{self.tenant.namespace}/" if self.tenant.namespace else ""
+        return f"{pool}/{ns}{name}"
+
+    # -- create ------------------------------------------------------------------------
+
+    async def create(self, request: CreateRequest, host_id: str) -> VolumeInfo:
+        name, spec = request.name, request.spec
+        for pool in self.tenant.pools:
+            if pool != spec.pool and await self._exists(pool, name):
+                raise Conflict(
+                    f"volume {name!r} already exists in pool {pool}, not in the requested "
+                    f"pool {spec.pool}; use another name or drop the pool option"
+                )
+        metadata = {
+            f"{META}fstype": spec.fstype,
+            f"{META}mkfs_options": shlex.join(spec.mkfs_options),
+            f"{META}mount_options": ",".join(spec.mount_options),
+            f"{META}created_by": host_id,
+            f"{META}created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            f"{META}fresh": "1",
+        }
+
+        def create(ioctx: rados.Ioctx) -> None:
+            rbd.RBD().create(
+                ioctx, name, spec.size, old_format=False, features=feature_bits(spec.features)
+            )
+            try:
+                with rbd.Image(ioctx, name) as image:
+                    for key, value in metadata.items():
+                        image.metadata_set(key, value)
+            except BaseException:
+                # Never leave an image without its metadata: it would be adopted as foreign.
+                rbd.RBD().remove(ioctx, name)
+                raise
+
+        await self.client.run(spec.pool, f"creating volume {name!r}", create)
+        return await self.inspect(name)
+
+    async def adopt(self, request: CreateRequest) -> None:
+        """Record a Create's fstype and options on an image made outside the plugin."""
+
+        def record(ioctx: rados.Ioctx) -> None:
+            with rbd.Image(ioctx, request.name) as image:
+                image.metadata_set(f"{META}fstype", request.spec.fstype)
+                image.metadata_set(f"{META}mkfs_options", shlex.join(request.spec.mkfs_options))
+                image.metadata_set(f"{META}mount_options", ",".join(request.spec.mount_options))
+
+        pool = await self._pool_of(request.name)
+        await self.client.run(pool, f"adopting image {request.name!r}", record)
+
+    # -- read --------------------------------------------------------------------------
+
+    async def _exists(self, pool: str, name: str) -> bool:
+        def probe(ioctx: rados.Ioctx) -> bool:
+            try:
+                rbd.Image(ioctx, name, read_only=True).close()
+            except rbd.ImageNotFound:
+                return False
+            return True
+
+        return await self.client.run(pool, f"looking up volume {name!r}", probe)
+
+    async def _pool_of(self, name: str) -> str:
+        for pool in self.tenant.pools:
+            if await self._exists(pool, name):
+                return pool
+        raise NotFound(f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}")
+
+    async def inspect(self, name: str) -> VolumeInfo:
+        pool = await self._pool_of(name)
+
+        def read(ioctx: rados.Ioctx) -> VolumeInfo:
+            with rbd.Image(ioctx, name, read_only=True) as image:
+                meta = dict(image.metadata_list())
+                watchers = tuple(f"{w['addr']} (client.{w['id']})" for w in image.watchers_list())
+                spec = VolumeSpec(
+                    size=image.size(),
+                    fstype=meta.get(f"{META}fstype", ""),
+                    pool=pool,
+                    features=feature_names(image.features()),
+                    mkfs_options=tuple(shlex.split(meta.get(f"{META}mkfs_options", ""))),
+                    mount_options=tuple(
+                        o for o in meta.get(f"{META}mount_options", "").split(",") if o
+                    ),
+                )
+                created_at = meta.get(f"{META}created_at") or _iso(image.create_timestamp())
+            return VolumeInfo(
+                name=name,
+                spec=spec,
+                location=self.location(pool, name),
+                created_at=created_at,
+                created_by=meta.get(f"{META}created_by", ""),
+                fresh=meta.get(f"{META}fresh") == "1",
+                watchers=watchers,
+            )
+
+        return await self.client.run(pool, f"reading volume {name!r}", read)
+
+    async def names(self) -> list[str]:
+        found: dict[str, None] = {}
+        for pool in self.tenant.pools:
+
+            def listing(ioctx: rados.Ioctx) -> list[str]:
+                return [entry["name"] for entry in rbd.RBD().list2(ioctx)]
+
+            for name in await self.client.run(pool, "listing volumes", listing):
+                if _is_volume_name(name):
+                    found.setdefault(name, None)
+        return list(found)
+
+    async def usage(self) -> Usage:
+        volumes = provisioned = 0
+        for pool in self.tenant.pools:
+
+            def stats(ioctx: rados.Ioctx) -> dict[str, int]:
+                result: dict[str, int] = rbd.RBD().pool_stats_get(ioctx)
+                return result
+
+            got = await self.client.run(pool, "reading pool usage", stats)
+            volumes += got["image_count"]
+            provisioned += got["image_max_provisioned_bytes"]
+        return Usage(volumes=volumes, provisioned=provisioned)
+
+    # -- remove ------------------------------------------------------------------------
+
+    async def remove(self, name: str) -> RemoveOutcome:
+        try:
+            info = await self.inspect(name)
+        except NotFound:
+            return "absent"
+        if info.watchers:
+            raise VolumeBusy(
+                f"volume {name!r} is in use: image {info.location} is open by "
+                f"{', '.join(info.watchers)}; unmount it there (stop the containers using it) first"
+            )
+        policy = self.tenant.remove_policy
+        pool = info.spec.pool
+
+        def remove(ioctx: rados.Ioctx) -> RemoveOutcome:
+            if policy == "delete":
+                rbd.RBD().remove(ioctx, name)
+                return "deleted"
+            if policy == "trash":
+                rbd.RBD().trash_move(ioctx, name, self.tenant.trash_delay)
+                return "trashed"
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            rbd.RBD().rename(ioctx, name, f"{name}{KEPT_MARK}{stamp}")
+            return "kept"
+
+        return await self.client.run(pool, f"removing volume {name!r} ({policy})", remove)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _is_volume_name(name: str) -> bool:
+    if len(name) > NAME_MAX:
+        return False
+    try:
+        validate_name(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
+def _iso(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")

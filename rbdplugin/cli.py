@@ -1,0 +1,135 @@
+"""The ``rbdplugin`` command: serve, devcluster, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rbdplugin import __version__
+from rbdplugin.config import Config, load_config
+from rbdplugin.daemon import serve
+from rbdplugin.devcluster import DevCluster
+from rbdplugin.errors import RbdPluginError
+
+DEFAULT_CONFIG = Path("/etc/rbdplugin/rbdplugin.toml")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        result: int = args.func(args)
+    except RbdPluginError as exc:
+        print(f"rbdplugin: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rbdplugin", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rbdplugin {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    s = commands.add_parser("serve", help="run the Docker volume plugin daemon")
+    s.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG})")
+    s.add_argument(
+        "--embedded-cluster",
+        type=Path,
+        metavar="DIR",
+        help="start a throwaway dev Ceph cluster in DIR, serve it, stop it on exit",
+    )
+    s.add_argument("--socket-dir", type=Path, help="with --embedded-cluster: where sockets go")
+    s.set_defaults(func=_serve)
+
+    c = commands.add_parser("check-config", help="validate a config file and print it")
+    c.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    c.set_defaults(func=_check_config)
+
+    d = commands.add_parser("devcluster", help="a throwaway single-node Ceph cluster")
+    dc = d.add_subparsers(required=True, metavar="ACTION")
+    start = dc.add_parser("start", help="start (or restart) the cluster in DIR")
+    start.add_argument("--dir", type=Path, required=True)
+    start.add_argument("--tenant", action="append", dest="tenants", metavar="NAME")
+    start.add_argument("--socket-dir", type=Path)
+    start.add_argument("--store", choices=("memstore", "bluestore"), default="memstore")
+    start.add_argument("--watch-timeout", type=int, default=30, metavar="SECONDS")
+    start.set_defaults(func=_dev_start)
+    stop = dc.add_parser("stop", help="stop the cluster's daemons")
+    stop.add_argument("--dir", type=Path, required=True)
+    stop.add_argument("--purge", action="store_true", help="also delete DIR")
+    stop.set_defaults(func=_dev_stop)
+    status = dc.add_parser("status", help="what runs")
+    status.add_argument("--dir", type=Path, required=True)
+    status.set_defaults(func=_dev_status)
+    return parser
+
+
+def _configure_logging(config: Config) -> None:
+    logging.getLogger().setLevel(config.daemon.log_level.upper())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.embedded_cluster is None:
+        config = load_config(args.config or DEFAULT_CONFIG)
+        _configure_logging(config)
+        asyncio.run(serve(config))
+        return 0
+    cluster = DevCluster(args.embedded_cluster)
+    cluster.start(socket_dir=args.socket_dir)
+    try:
+        config = load_config(cluster.daemon_config)
+        _configure_logging(config)
+        asyncio.run(serve(config))
+    finally:
+        logging.getLogger(__name__).info(
+            "stopping the embedded cluster: %s", ", ".join(cluster.stop())
+        )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: OK")
+    for tenant in config.tenants:
+        print(
+            f"  driver {tenant.driver}: pool {tenant.pool}"
+            f"{'/' + tenant.namespace if tenant.namespace else ''} as client.{tenant.user}, "
+            f"socket {config.daemon.socket_dir / (tenant.driver + '.sock')}"
+        )
+    return 0
+
+
+def _dev_start(args: argparse.Namespace) -> int:
+    cluster = DevCluster(args.dir)
+    cluster.start(
+        tenants=args.tenants or ["rbd"],
+        socket_dir=args.socket_dir,
+        store=args.store,
+        watch_timeout=args.watch_timeout,
+    )
+    print(f"dev cluster running: ceph.conf {cluster.conf}, daemon config {cluster.daemon_config}")
+    return 0
+
+
+def _dev_stop(args: argparse.Namespace) -> int:
+    cluster = DevCluster(args.dir)
+    stopped = cluster.stop()
+    print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    if args.purge:
+        shutil.rmtree(cluster.root, ignore_errors=True)
+    return 0
+
+
+def _dev_status(args: argparse.Namespace) -> int:
+    status = DevCluster(args.dir).status()
+    print(json.dumps(status, indent=2))
+    return 0 if status["running"] else 3

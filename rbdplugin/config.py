@@ -1,0 +1,366 @@
+"""The daemon's configuration: one TOML file, one frozen and validated object.
+
+Built in one place (:func:`load_config`); a bad file stops start-up with a
+:class:`~rbdplugin.errors.ConfigError` naming the key and the problem. Unknown
+keys are errors too: a typo must not silently fall back to a default.
+
+Environment overrides use one prefix, ``RBDPLUGIN_<SECTION>_<KEY>``, for the
+``[daemon]`` and ``[ceph]`` sections (``RBDPLUGIN_DAEMON_HOST_ID=node7``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from rbdplugin.errors import ConfigError, InvalidArgument
+from rbdplugin.spec import FSTYPES, parse_features
+from rbdplugin.units import GiB, parse_duration, parse_size
+
+MapperName = Literal["auto", "krbd", "nbd", "fuse"]
+RemovePolicy = Literal["delete", "trash", "keep"]
+
+MAPPERS: tuple[MapperName, ...] = ("auto", "krbd", "nbd", "fuse")
+REMOVE_POLICIES: tuple[RemovePolicy, ...] = ("delete", "trash", "keep")
+DEFAULT_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten")
+DEFAULT_METRICS = "127.0.0.1:9747"
+ENV_PREFIX = "RBDPLUGIN_"
+
+# Docker plugin names end up in socket file names and in `docker volume ls`.
+_DRIVER_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# Ceph pool, namespace and cephx names we accept: no spaces, slashes or shell specials.
+_CEPH_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket_dir: Path = Path("/run/docker/plugins")
+    state_dir: Path = Path("/var/lib/rbdplugin")
+    mount_root: Path = Path("/var/lib/rbdplugin/mounts")
+    host_id: str = field(default_factory=socket.gethostname)
+    mapper: MapperName = "auto"
+    metrics: str = DEFAULT_METRICS
+    op_timeout: int = 25
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class CephConfig:
+    conf: Path = Path("/etc/ceph/ceph.conf")
+    # librados timeouts, so a dead cluster gives errors instead of hung threads.
+    client_timeout: int = 15
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    name: str
+    driver: str
+    pool: str
+    namespace: str
+    user: str
+    keyring: Path
+    default_size: int = 20 * GiB
+    default_fstype: str = "ext4"
+    features: tuple[str, ...] = DEFAULT_FEATURES
+    allowed_pools: tuple[str, ...] = ()
+    max_volumes: int = 0
+    max_total_size: int = 0
+    remove_policy: RemovePolicy = "trash"
+    trash_delay: int = 0
+    auto_create: bool = True
+
+    @property
+    def pools(self) -> tuple[str, ...]:
+        """Every pool this tenant may hold volumes in, its own pool first."""
+        return (self.pool, *(p for p in self.allowed_pools if p != self.pool))
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig
+    ceph: CephConfig
+    tenants: tuple[TenantConfig, ...]
+
+    def tenant(self, name: str) -> TenantConfig:
+        for tenant in self.tenants:
+            if tenant.name == name:
+                return tenant
+        raise KeyError(name)
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, override from the environment, and validate the config at ``path``."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    _apply_env(data, os.environ if environ is None else environ)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for section in ("daemon", "ceph"):
+        for key, value in environ.items():
+            prefix = f"{ENV_PREFIX}{section.upper()}_"
+            if key.startswith(prefix):
+                table = data.setdefault(section, {})
+                option = key[len(prefix) :].lower()
+                known = _SECTION_TYPES[section].get(option)
+                table[option] = int(value) if known is int and value.isdigit() else value
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    _check_keys(data, {"daemon", "ceph", "tenants"}, "")
+    daemon = _daemon(_table(data, "daemon"))
+    ceph = _ceph(_table(data, "ceph"))
+    tenants_table = _table(data, "tenants")
+    if not tenants_table:
+        raise ConfigError("[tenants] is empty: define at least one [tenants.NAME] table")
+    tenants = tuple(
+        _tenant(name, _table(tenants_table, name, "tenants.")) for name in tenants_table
+    )
+    _check_unique(tenants)
+    return Config(daemon=daemon, ceph=ceph, tenants=tenants)
+
+
+_SECTION_TYPES: dict[str, dict[str, type]] = {
+    "daemon": {
+        "socket_dir": str,
+        "state_dir": str,
+        "mount_root": str,
+        "host_id": str,
+        "mapper": str,
+        "metrics": str,
+        "op_timeout": int,
+        "log_level": str,
+    },
+    "ceph": {"conf": str, "client_timeout": int},
+}
+
+_TENANT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "driver": str,
+    "pool": str,
+    "namespace": str,
+    "user": str,
+    "keyring": str,
+    "default_size": str,
+    "default_fstype": str,
+    "features": list,
+    "allowed_pools": list,
+    "max_volumes": int,
+    "max_total_size": str,
+    "remove_policy": str,
+    "trash_delay": (str, int),
+    "auto_create": bool,
+}
+
+
+def _table(data: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{prefix}{key}] must be a table")
+    return cast(dict[str, Any], value)
+
+
+def _check_keys(
+    table: Mapping[str, Any], allowed: set[str] | Mapping[str, Any], where: str
+) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        place = f"[{where}] " if where else ""
+        raise ConfigError(
+            f"{place}unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(allowed))}"
+        )
+
+
+def _typed(table: Mapping[str, Any], types: Mapping[str, Any], where: str) -> dict[str, Any]:
+    _check_keys(table, types, where)
+    for key, value in table.items():
+        expected = types[key]
+        if isinstance(value, bool) and expected is not bool:
+            ok = False
+        else:
+            ok = isinstance(value, expected)
+        if not ok:
+            names = expected if isinstance(expected, tuple) else (expected,)
+            want = " or ".join(_TYPE_NAMES[t] for t in names)
+            raise ConfigError(f"{where}.{key} must be {want}, not {value!r}")
+    return dict(table)
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+
+
+def _daemon(table: Mapping[str, Any]) -> DaemonConfig:
+    t = _typed(table, _SECTION_TYPES["daemon"], "daemon")
+    defaults = DaemonConfig()
+    mapper = t.get("mapper", defaults.mapper)
+    if mapper not in MAPPERS:
+        raise ConfigError(f"daemon.mapper {mapper!r} is not one of {', '.join(MAPPERS)}")
+    timeout = t.get("op_timeout", defaults.op_timeout)
+    if not 1 <= timeout <= 110:
+        raise ConfigError(
+            f"daemon.op_timeout {timeout} must be 1-110 seconds (Docker gives up at 120 s)"
+        )
+    host_id = t.get("host_id") or defaults.host_id
+    if not _CEPH_NAME_RE.match(host_id):
+        raise ConfigError(f"daemon.host_id {host_id!r} must be letters, digits, '.', '_' or '-'")
+    metrics = t.get("metrics", defaults.metrics)
+    if metrics:
+        _check_listen(metrics, "daemon.metrics")
+    return DaemonConfig(
+        socket_dir=_abs_path(t, "socket_dir", defaults.socket_dir, "daemon"),
+        state_dir=_abs_path(t, "state_dir", defaults.state_dir, "daemon"),
+        mount_root=_abs_path(t, "mount_root", defaults.mount_root, "daemon"),
+        host_id=host_id,
+        mapper=cast(MapperName, mapper),
+        metrics=metrics,
+        op_timeout=timeout,
+        log_level=_log_level(t.get("log_level", defaults.log_level)),
+    )
+
+
+def _log_level(level: str) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if level.lower() not in levels:
+        raise ConfigError(f"daemon.log_level {level!r} is not one of {', '.join(levels)}")
+    return level.lower()
+
+
+def _check_listen(address: str, key: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key} {address!r} must be HOST:PORT, for example {DEFAULT_METRICS}")
+
+
+def _abs_path(t: Mapping[str, Any], key: str, default: Path, where: str) -> Path:
+    value = Path(t[key]) if key in t else default
+    if not value.is_absolute():
+        raise ConfigError(f"{where}.{key} {str(value)!r} must be an absolute path")
+    return value
+
+
+def _ceph(table: Mapping[str, Any]) -> CephConfig:
+    t = _typed(table, _SECTION_TYPES["ceph"], "ceph")
+    defaults = CephConfig()
+    timeout = t.get("client_timeout", defaults.client_timeout)
+    if not 1 <= timeout <= 100:
+        raise ConfigError(f"ceph.client_timeout {timeout} must be 1-100 seconds")
+    return CephConfig(conf=_abs_path(t, "conf", defaults.conf, "ceph"), client_timeout=timeout)
+
+
+def _tenant(name: str, table: Mapping[str, Any]) -> TenantConfig:
+    where = f"tenants.{name}"
+    if not _DRIVER_RE.match(name):
+        raise ConfigError(f"[{where}]: tenant names must match {_DRIVER_RE.pattern}")
+    t = _typed(table, _TENANT_TYPES, where)
+    user = _ceph_name(t.get("user", name), f"{where}.user")
+    pool = _ceph_name(t.get("pool", name), f"{where}.pool")
+    try:
+        return TenantConfig(
+            name=name,
+            driver=_driver(t.get("driver", name), where),
+            pool=pool,
+            namespace=_namespace(t.get("namespace", ""), where),
+            user=user,
+            keyring=_abs_path(t, "keyring", Path(f"/etc/ceph/ceph.client.{user}.keyring"), where),
+            default_size=parse_size(t.get("default_size", "20G"), f"{where}.default_size"),
+            default_fstype=_fstype(t.get("default_fstype", "ext4"), where),
+            features=parse_features(_str_list(t, "features", DEFAULT_FEATURES, where)),
+            allowed_pools=tuple(
+                _ceph_name(p, f"{where}.allowed_pools")
+                for p in _str_list(t, "allowed_pools", (), where)
+            ),
+            max_volumes=_non_negative(t.get("max_volumes", 0), f"{where}.max_volumes"),
+            max_total_size=_optional_size(t.get("max_total_size", ""), f"{where}.max_total_size"),
+            remove_policy=_remove_policy(t.get("remove_policy", "trash"), where),
+            trash_delay=parse_duration(t.get("trash_delay", 0), f"{where}.trash_delay"),
+            auto_create=t.get("auto_create", True),
+        )
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _driver(driver: str, where: str) -> str:
+    if not _DRIVER_RE.match(driver):
+        raise ConfigError(
+            f"{where}.driver {driver!r} must be lower-case letters, digits, '.', '_' or '-'"
+        )
+    return driver
+
+
+def _namespace(namespace: str, where: str) -> str:
+    return _ceph_name(namespace, f"{where}.namespace") if namespace else ""
+
+
+def _ceph_name(value: str, key: str) -> str:
+    if not _CEPH_NAME_RE.match(value):
+        raise ConfigError(f"{key} {value!r} must be letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _str_list(
+    t: Mapping[str, Any], key: str, default: tuple[str, ...], where: str
+) -> tuple[str, ...]:
+    values = t.get(key, list(default))
+    if not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{where}.{key} must be a list of strings")
+    return tuple(values)
+
+
+def _fstype(fstype: str, where: str) -> str:
+    if fstype not in FSTYPES:
+        raise ConfigError(f"{where}.default_fstype {fstype!r} is not one of {', '.join(FSTYPES)}")
+    return fstype
+
+
+def _remove_policy(policy: str, where: str) -> RemovePolicy:
+    if policy not in REMOVE_POLICIES:
+        raise ConfigError(
+            f"{where}.remove_policy {policy!r} is not one of {', '.join(REMOVE_POLICIES)}"
+        )
+    return policy
+
+
+def _non_negative(value: int, key: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{key} {value} must be 0 (unlimited) or more")
+    return value
+
+
+def _optional_size(value: str, key: str) -> int:
+    return 0 if value in ("", "0") else parse_size(value, key)
+
+
+def _check_unique(tenants: tuple[TenantConfig, ...]) -> None:
+    seen: dict[str, str] = {}
+    homes: dict[tuple[str, str], str] = {}
+    for tenant in tenants:
+        home = (tenant.pool, tenant.namespace)
+        if home in homes:
+            raise ConfigError(
+                f"tenants.{tenant.name} uses pool {tenant.pool!r} namespace "
+                f"{tenant.namespace!r}, already the home of tenants.{homes[home]}: "
+                "tenants must not share a pool and namespace"
+            )
+        homes[home] = tenant.name
+        if tenant.driver in seen:
+            raise ConfigError(
+                f"tenants.{tenant.name}.driver {tenant.driver!r} is already used by "
+                f"tenants.{seen[tenant.driver]}: each tenant needs its own driver name"
+            )
+        seen[tenant.driver] = tenant.name

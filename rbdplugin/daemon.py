@@ -1,0 +1,164 @@
+"""The daemon's lifecycle: build every tenant's parts, serve, drain, shut down.
+
+Start-up order: state directories, per-tenant Ceph client, back-end and service,
+then one Unix socket per tenant driver. Ceph being down does not stop start-up:
+requests answer from local state or with a clear error until it is back.
+Shutdown is the reverse: stop accepting, let in-flight requests finish, close
+Ceph connections, remove the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from rbdplugin.api import build_app
+from rbdplugin.backends import VolumeBackend
+from rbdplugin.backends.rbd import RbdBackend
+from rbdplugin.ceph import CephClient
+from rbdplugin.config import Config, TenantConfig
+from rbdplugin.errors import ConfigError, RbdPluginError
+from rbdplugin.service import VolumeService
+from rbdplugin.state import KnownVolumes
+
+log = logging.getLogger(__name__)
+
+SOCKET_BACKLOG = 1024  # dockerd sends parallel Mounts in bursts
+SUN_PATH_MAX = 107
+DRAIN_SECONDS = 30.0
+
+
+def build_backend(config: Config, tenant: TenantConfig) -> VolumeBackend:
+    """The one place a tenant's back-end is chosen (RBD now; Cinder joins here)."""
+    client = CephClient(config.ceph, tenant, deadline=config.daemon.op_timeout)
+    return RbdBackend(client, tenant)
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A listening-ready Unix socket at ``path``, mode 0600, refusing to steal a live one."""
+    if len(str(path)) > SUN_PATH_MAX:
+        raise ConfigError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise ConfigError(f"{path} exists and is not a socket; remove it or change socket_dir")
+        if _answers(path):
+            raise ConfigError(f"another process already serves {path}; stop it first")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # created 0600 from the start: no window where others can connect
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    return sock
+
+
+def _answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+@dataclass
+class Driver:
+    tenant: TenantConfig
+    service: VolumeService
+    runner: web.AppRunner
+    socket_path: Path
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.drivers: list[Driver] = []
+
+    async def start(self) -> None:
+        daemon = self.config.daemon
+        for path in (daemon.state_dir, daemon.mount_root):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            for tenant in self.config.tenants:
+                self.drivers.append(await self._start_driver(tenant))
+        except BaseException:
+            await self.stop()
+            raise
+        for driver in self.drivers:
+            asyncio.create_task(self._connect(driver))  # noqa: RUF006 - finishes on its own
+        log.info(
+            "rbdplugin serving %s as host %s",
+            ", ".join(f"{d.tenant.driver} at {d.socket_path}" for d in self.drivers),
+            daemon.host_id,
+        )
+
+    async def _start_driver(self, tenant: TenantConfig) -> Driver:
+        daemon = self.config.daemon
+        known = KnownVolumes(daemon.state_dir / tenant.name / "known-volumes.json")
+        backend = build_backend(self.config, tenant)
+        service = VolumeService(tenant, backend, known, daemon.host_id, daemon.op_timeout)
+        runner = web.AppRunner(
+            build_app(tenant.driver, service),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=DRAIN_SECONDS,
+        )
+        await runner.setup()
+        path = daemon.socket_dir / f"{tenant.driver}.sock"
+        try:
+            site = web.SockSite(runner, bind_unix(path), backlog=SOCKET_BACKLOG)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            await service.close()
+            raise
+        return Driver(tenant, service, runner, path)
+
+    async def _connect(self, driver: Driver) -> None:
+        backend = driver.service.backend
+        client = getattr(backend, "client", None)
+        if isinstance(client, CephClient):
+            try:
+                await client.connect()
+            except RbdPluginError as exc:
+                log.error("tenant %s: %s (will retry on the next request)", driver.tenant.name, exc)
+
+    async def stop(self) -> None:
+        drivers, self.drivers = self.drivers, []
+        for driver in drivers:
+            await driver.runner.cleanup()  # stops accepting, then drains in-flight requests
+        for driver in drivers:
+            await driver.service.close()
+            with contextlib.suppress(FileNotFoundError):
+                driver.socket_path.unlink()
+        if drivers:
+            log.info("rbdplugin stopped")
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = Daemon(config)
+    await daemon.start()
+    try:
+        await stop.wait()
+        log.info("rbdplugin stopping: draining requests")
+    finally:
+        await daemon.stop()

@@ -1,0 +1,86 @@
+"""The one error tree of rbdplugin.
+
+Every failure that can reach an operator or Docker is one of these. Lower
+libraries (rados, rbd, subprocess exit codes, kernel messages) are translated
+into them at the layer boundary that calls those libraries; the HTTP layer turns
+any of them into ``{"Err": str(error)}``. Messages say what failed, on which
+volume, and what to do.
+
+    RbdPluginError
+    ├── ConfigError            the config file is missing, unreadable or invalid
+    ├── InvalidRequest         the request itself is malformed (body, JSON, shape)
+    │   └── InvalidArgument    a name, size or option value is not acceptable
+    ├── NotFound               the volume does not exist
+    ├── Conflict               exists with other options, or another owner holds it
+    ├── QuotaExceeded          the tenant's volume count or total size would be exceeded
+    ├── PermissionDenied       our policy or Ceph's caps refuse the operation
+    ├── VolumeBusy             in use (mounted, mapped, watched) where that forbids the operation
+    ├── DeadlineExceeded       an operation did not finish within its time budget
+    ├── CephError              any other failure talking to Ceph
+    │   └── CephUnavailable    the cluster cannot be reached right now
+    └── ProcessError           an external command failed (output kept for the log)
+"""
+
+from __future__ import annotations
+
+
+class RbdPluginError(Exception):
+    """Root of every error rbdplugin raises on purpose."""
+
+    # A short machine-readable reason, used for logs and metric labels (bounded set).
+    reason = "error"
+
+
+class ConfigError(RbdPluginError):
+    reason = "config"
+
+
+class InvalidRequest(RbdPluginError):
+    reason = "invalid_request"
+
+
+class InvalidArgument(InvalidRequest):
+    reason = "invalid_argument"
+
+
+class NotFound(RbdPluginError):
+    reason = "not_found"
+
+
+class Conflict(RbdPluginError):
+    reason = "conflict"
+
+
+class QuotaExceeded(RbdPluginError):
+    reason = "quota"
+
+
+class PermissionDenied(RbdPluginError):
+    reason = "permission"
+
+
+class VolumeBusy(RbdPluginError):
+    reason = "busy"
+
+
+class DeadlineExceeded(RbdPluginError):
+    reason = "deadline"
+
+
+class CephError(RbdPluginError):
+    reason = "ceph"
+
+
+class CephUnavailable(CephError):
+    reason = "ceph_unavailable"
+
+
+class ProcessError(RbdPluginError):
+    """An external command failed; ``output`` holds its (redacted) stderr/stdout."""
+
+    reason = "process"
+
+    def __init__(self, message: str, *, returncode: int | None = None, output: str = "") -> None:
+        super().__init__(message)
+        self.returncode = returncode
+        self.output = output

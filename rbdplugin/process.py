@@ -1,0 +1,214 @@
+"""The one place rbdplugin runs other programs.
+
+Quiet on success, the full (redacted) output on failure, every call under a
+deadline, and on timeout the child's whole process group is killed. Callers that
+must be testable take a :class:`Runner` and tests hand in a fake at this boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+from rbdplugin.errors import DeadlineExceeded, ProcessError
+
+log = logging.getLogger(__name__)
+
+# cephx keys are base64 of 28 bytes (40 chars, '==' padded); never let one reach a log.
+_KEY_RE = re.compile(r"[A-Za-z0-9+/]{38}==")
+OUTPUT_TAIL = 2000
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return _KEY_RE.sub("<redacted>", text)
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return (self.stderr + self.stdout).strip()
+
+
+@dataclass(frozen=True)
+class Command:
+    """One program to run: what, for how long, with which input and secrets to hide."""
+
+    argv: Sequence[str]
+    timeout: float
+    input: str | None = None
+    env: Mapping[str, str] | None = None
+    check: bool = True
+    secrets: Sequence[str] = field(default_factory=tuple)
+
+
+class Runner(Protocol):
+    async def __call__(self, command: Command) -> Completed: ...
+
+
+def _describe(argv: Sequence[str], secrets: Sequence[str]) -> str:
+    return redact(" ".join(argv), secrets)
+
+
+def _result(command: Command, returncode: int, stdout: str, stderr: str) -> Completed:
+    done = Completed(tuple(command.argv), returncode, stdout, stderr)
+    if command.check and returncode != 0:
+        output = redact(done.output, command.secrets)[-OUTPUT_TAIL:]
+        what = _describe(command.argv, command.secrets)
+        log.warning("command failed (exit %s): %s\n%s", returncode, what, output)
+        raise ProcessError(
+            f"{command.argv[0]} failed (exit {returncode}): {_last_line(output)}",
+            returncode=returncode,
+            output=output,
+        )
+    return done
+
+
+def _last_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _timed_out(command: Command) -> DeadlineExceeded:
+    what = _describe(command.argv, command.secrets)
+    log.warning("command killed after %.0f s: %s", command.timeout, what)
+    return DeadlineExceeded(
+        f"{command.argv[0]} did not finish within {command.timeout:.0f} s; killed it"
+    )
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def run(command: Command) -> Completed:
+    """Run ``command`` without blocking the event loop (the daemon's default runner)."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command.argv,
+            stdin=asyncio.subprocess.PIPE
+            if command.input is not None
+            else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(command.env) if command.env is not None else None,
+            start_new_session=True,
+        )
+    except FileNotFoundError as exc:
+        raise ProcessError(f"{command.argv[0]} is not installed (not found on PATH)") from exc
+    data = command.input.encode() if command.input is not None else None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(data), command.timeout)
+    except (TimeoutError, asyncio.CancelledError) as exc:
+        _kill_group(proc.pid)
+        await proc.wait()
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        raise _timed_out(command) from exc
+    return _result(
+        command, proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+    )
+
+
+def run_sync(command: Command) -> Completed:
+    """Run ``command`` from synchronous code (CLI tools, the dev cluster)."""
+    try:
+        proc = subprocess.Popen(
+            list(command.argv),
+            stdin=subprocess.PIPE if command.input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(command.env) if command.env is not None else None,
+            start_new_session=True,
+            text=True,
+        )
+    except FileNotFoundError as exc:
+        raise ProcessError(f"{command.argv[0]} is not installed (not found on PATH)") from exc
+    try:
+        out, err = proc.communicate(command.input, timeout=command.timeout)
+    except subprocess.TimeoutExpired as exc:
+        _kill_group(proc.pid)
+        proc.communicate()
+        raise _timed_out(command) from exc
+    return _result(command, proc.returncode, out, err)
+
+
+def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> int:
+    """Start a long-running daemon in its own session, output to ``log_path``; return its pid.
+
+    The child is not waited for here: whoever spawned it (or :func:`stop_pid`) reaps it.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logfile: IO[bytes]
+    with log_path.open("ab") as logfile:
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env=dict(env) if env is not None else None,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            raise ProcessError(f"{argv[0]} is not installed (not found on PATH)") from exc
+    return proc.pid
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie (``kill -0`` succeeds on zombies)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def pid_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """SIGTERM ``pid``, then SIGKILL after ``timeout``; True once it is gone."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not pid_alive(pid):
+                return True
+            time.sleep(0.05)
+    return not pid_alive(pid)
+
+
+def _reap(pid: int) -> None:
+    # Not our child: PID 1 reaps it, and pid_alive() already treats a zombie as gone.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

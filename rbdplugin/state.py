@@ -1,0 +1,90 @@
+"""What the daemon remembers on local disk, written atomically (temp, fsync, rename).
+
+:class:`KnownVolumes` keeps the last status seen of every volume of a tenant, so
+that Get and List can still answer while Ceph is unreachable: Docker drops a
+volume from its store when Get says "not found" at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON so that readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dirfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        # A corrupt cache must not stop the daemon; the truth is in Ceph.
+        log.warning("ignoring unreadable state file %s: %s", path, exc)
+        return default
+
+
+class KnownVolumes:
+    """Name -> last known Status of a tenant's volumes, persisted in ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._volumes: dict[str, dict[str, Any]] = read_json(path, {})
+
+    def names(self) -> list[str]:
+        return sorted(self._volumes)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return self._volumes.get(name)
+
+    def remember(self, name: str, status: dict[str, Any]) -> None:
+        entry = {**status, "seen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        old = self._volumes.get(name)
+        if old is None or {k: v for k, v in old.items() if k != "seen_at"} != status:
+            self._volumes[name] = entry
+            self._save()
+
+    def forget(self, name: str) -> None:
+        if self._volumes.pop(name, None) is not None:
+            self._save()
+
+    def replace_names(self, names: list[str]) -> None:
+        """Make the set of names match a fresh listing from Ceph."""
+        current = set(names)
+        changed = False
+        for gone in set(self._volumes) - current:
+            del self._volumes[gone]
+            changed = True
+        for new in current - set(self._volumes):
+            self._volumes[new] = {}
+            changed = True
+        if changed:
+            self._save()
+
+    def _save(self) -> None:
+        write_json(self.path, self._volumes)
