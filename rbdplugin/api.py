@@ -39,12 +39,19 @@ def error_reply(message: str, status: int) -> web.Response:
     return reply({"Err": message}, status)
 
 
+class BodyTooLarge(InvalidRequest):
+    """The body is over :data:`MAX_BODY` (answered with HTTP 413)."""
+
+
+BODY = web.RequestKey("body", dict)
+
+
 async def decode(request: web.Request) -> Body:
     """The request's JSON object; an empty body counts as ``{}``."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise InvalidRequest(
+        raise BodyTooLarge(
             f"request body is larger than the limit of {MAX_BODY // 1024} KiB"
         ) from exc
     if not raw.strip():
@@ -80,41 +87,38 @@ def _view(view: VolumeView, with_status: bool) -> Body:
 
 
 async def activate(request: web.Request) -> web.Response:
-    await decode(request)
     return reply({"Implements": ["VolumeDriver"]})
 
 
 async def capabilities(request: web.Request) -> web.Response:
-    await decode(request)
     # RBD images are reachable from every host of the cluster.
     return reply({"Capabilities": {"Scope": "global"}})
 
 
 async def create(request: web.Request) -> web.Response:
-    body = await decode(request)
+    body = request[BODY]
     await request.app[SERVICE].create(volume_name(body), body.get("Opts"))
     return reply({"Err": ""})
 
 
 async def get(request: web.Request) -> web.Response:
-    body = await decode(request)
+    body = request[BODY]
     view = await request.app[SERVICE].get(volume_name(body))
     return reply({"Volume": _view(view, with_status=True), "Err": ""})
 
 
 async def list_volumes(request: web.Request) -> web.Response:
-    await decode(request)
     views = await request.app[SERVICE].list()
     return reply({"Volumes": [_view(v, with_status=False) for v in views], "Err": ""})
 
 
 async def path(request: web.Request) -> web.Response:
-    body = await decode(request)
+    body = request[BODY]
     return reply({"Mountpoint": request.app[SERVICE].path(volume_name(body)), "Err": ""})
 
 
 async def remove(request: web.Request) -> web.Response:
-    body = await decode(request)
+    body = request[BODY]
     await request.app[SERVICE].remove(volume_name(body))
     return reply({"Err": ""})
 
@@ -134,20 +138,18 @@ ROUTES: dict[str, Handler] = {
 
 
 def _status_of(error: RbdPluginError) -> int:
+    if isinstance(error, BodyTooLarge):
+        return 413
     if isinstance(error, InvalidRequest) and not isinstance(error, InvalidArgument):
         return 400
     return 500
 
 
-async def _peek_name(request: web.Request) -> str:
-    # For the log line only: the body is cached by aiohttp, so handlers read it again.
-    try:
-        raw = await request.read()
-        body = json.loads(raw) if raw.strip() else {}
-    except Exception:
-        return "-"
-    name = body.get("Name", "-") if isinstance(body, dict) else "-"
-    return repr(name)[:80] if not isinstance(name, str) or not name.isprintable() else name[:80]
+def _shown_name(body: Body) -> str:
+    name = body.get("Name", "-")
+    if not isinstance(name, str) or not name.isprintable():
+        return repr(name)[:80]
+    return name[:80] or "''"
 
 
 @web.middleware
@@ -159,7 +161,8 @@ async def protocol_errors(request: web.Request, handler: Handler) -> web.StreamR
     try:
         if request.method != "POST":
             raise web.HTTPMethodNotAllowed(request.method, ["POST"])
-        name = await _peek_name(request)
+        request[BODY] = body = await decode(request)
+        name = _shown_name(body)
         response = await handler(request)
         outcome = "ok"
     except RbdPluginError as exc:

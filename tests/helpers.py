@@ -1,0 +1,169 @@
+"""Test helpers: a Docker-shaped plugin client and a daemon run as a real process."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import rados
+import rbd
+
+ACCEPT = "application/vnd.docker.plugins.v1.2+json"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self.path))
+        self.sock = sock
+
+
+class PluginClient:
+    """Speaks to a plugin socket the way dockerd does: POST, Accept header, no Content-Type."""
+
+    def __init__(self, socket_path: Path, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def raw(self, endpoint: str, body: bytes, method: str = "POST") -> tuple[int, dict[str, Any]]:
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request(method, f"/{endpoint}", body=body, headers={"Accept": ACCEPT})
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        return response.status, json.loads(data)
+
+    def call(self, endpoint: str, body: Any = None) -> dict[str, Any]:
+        """Call with a JSON body (``None`` sends an empty body, as for Activate)."""
+        raw = b"" if body is None else json.dumps(body).encode()
+        return self.raw(endpoint, raw)[1]
+
+    def create(self, name: str, opts: dict[str, str] | None = None) -> dict[str, Any]:
+        return self.call("VolumeDriver.Create", {"Name": name, "Opts": opts})
+
+    def get(self, name: str) -> dict[str, Any]:
+        return self.call("VolumeDriver.Get", {"Name": name})
+
+    def remove(self, name: str) -> dict[str, Any]:
+        return self.call("VolumeDriver.Remove", {"Name": name})
+
+    def names(self) -> list[str]:
+        reply = self.call("VolumeDriver.List", {})
+        assert reply["Err"] == "", reply
+        return [v["Name"] for v in reply["Volumes"]]
+
+
+def unique(prefix: str = "v") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+class DaemonProcess:
+    """``rbdplugin serve --config FILE`` as a child process, its log in a file."""
+
+    def __init__(self, config: Path, log_path: Path, socket_dir: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.socket_dir = socket_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait_for: str, timeout: float = 30.0) -> DaemonProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rbdplugin", "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        client = self.client(wait_for)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                client.call("Plugin.Activate")
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"daemon did not answer within {timeout} s:\n{self.log()}")
+
+    def client(self, driver: str) -> PluginClient:
+        return PluginClient(self.socket_dir / f"{driver}.sock")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Admin:
+    """The cluster's admin, to check what really exists in Ceph behind the daemon's back."""
+
+    def __init__(self, conf: Path) -> None:
+        self.cluster = rados.Rados(conffile=str(conf), rados_id="admin")
+        self.cluster.connect(timeout=10)
+
+    def images(self, pool: str, namespace: str = "") -> set[str]:
+        with self.cluster.open_ioctx(pool) as ioctx:
+            ioctx.set_namespace(namespace)
+            return {e["name"] for e in rbd.RBD().list2(ioctx)}
+
+    def trash(self, pool: str) -> set[str]:
+        with self.cluster.open_ioctx(pool) as ioctx:
+            return {e["name"] for e in rbd.RBD().trash_list(ioctx)}
+
+    def metadata(self, pool: str, image: str) -> dict[str, str]:
+        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
+            return dict(im.metadata_list())
+
+    def size(self, pool: str, image: str) -> int:
+        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
+            size: int = im.size()
+            return size
+
+    def features(self, pool: str, image: str) -> int:
+        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
+            bits: int = im.features()
+            return bits
+
+    def create_image(self, pool: str, name: str, size: int, namespace: str = "") -> None:
+        with self.cluster.open_ioctx(pool) as ioctx:
+            ioctx.set_namespace(namespace)
+            rbd.RBD().create(ioctx, name, size, old_format=False, features=1)
+
+    def mon(self, cmd: dict[str, Any]) -> str:
+        ret, out, err = self.cluster.mon_command(json.dumps(cmd), b"", timeout=30)
+        assert ret == 0, err
+        return bytes(out).decode()
+
+    def close(self) -> None:
+        self.cluster.shutdown()
+
+
+def write_config(path: Path, text: str) -> Path:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return path

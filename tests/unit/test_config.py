@@ -1,0 +1,110 @@
+"""The config file: defaults, validation messages naming the key, environment overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rbdplugin.config import DEFAULT_FEATURES, load_config
+from rbdplugin.errors import ConfigError
+from rbdplugin.units import GiB
+
+EXAMPLE = Path(__file__).parents[2] / "config" / "rbdplugin.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rbdplugin.toml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[tenants.rbd]\n"), environ={})
+    tenant = config.tenant("rbd")
+    assert (tenant.driver, tenant.pool, tenant.user, tenant.namespace) == ("rbd", "rbd", "rbd", "")
+    assert tenant.keyring == Path("/etc/ceph/ceph.client.rbd.keyring")
+    assert tenant.default_size == 20 * GiB
+    assert tenant.default_fstype == "ext4"
+    assert tenant.features == DEFAULT_FEATURES
+    assert tenant.remove_policy == "trash"
+    assert tenant.auto_create is True
+    assert config.daemon.socket_dir == Path("/run/docker/plugins")
+    assert config.daemon.mapper == "auto"
+    assert config.daemon.op_timeout == 25
+    assert config.ceph.conf == Path("/etc/ceph/ceph.conf")
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config(EXAMPLE, environ={})
+    assert [t.driver for t in config.tenants] == ["rbd", "analytics"]
+    analytics = config.tenant("analytics")
+    assert analytics.namespace == "team-a"
+    assert analytics.pools == ("analytics", "analytics-ssd")
+    assert analytics.max_volumes == 200
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", r"\[tenants\] is empty"),
+        ("[tenants.rbd]\nsize = '1G'\n", r"\[tenants.rbd\] unknown key 'size'; valid keys: allowed_pools"),
+        ("[daemon]\nmapper = 'magic'\n[tenants.rbd]\n", r"daemon.mapper 'magic' is not one of auto, krbd"),
+        ("[daemon]\nop_timeout = 300\n[tenants.rbd]\n", r"daemon.op_timeout 300 must be 1-110"),
+        ("[daemon]\nsocket_dir = 'rel'\n[tenants.rbd]\n", r"daemon.socket_dir 'rel' must be an absolute"),
+        ("[daemon]\nmetrics = 'nowhere'\n[tenants.rbd]\n", r"daemon.metrics 'nowhere' must be HOST:PORT"),
+        ("[tenants.rbd]\ndefault_size = 'big'\n", r"tenants.rbd.default_size 'big' is not a size"),
+        ("[tenants.rbd]\ndefault_fstype = 'zfs'\n", r"default_fstype 'zfs' is not one of ext4, xfs"),
+        ("[tenants.rbd]\nremove_policy = 'shred'\n", r"remove_policy 'shred' is not one of delete"),
+        ("[tenants.rbd]\nfeatures = ['fast-diff']\n", r"fast-diff needs object-map"),
+        ("[tenants.rbd]\nmax_volumes = -1\n", r"max_volumes -1 must be 0"),
+        ("[tenants.rbd]\nmax_volumes = 'ten'\n", r"tenants.rbd.max_volumes must be an integer"),
+        ("[tenants.rbd]\nauto_create = 1\n", r"auto_create must be true or false"),
+        ("[tenants.rbd]\npool = 'a b'\n", r"tenants.rbd.pool 'a b' must be letters"),
+        ("[tenants.Bad]\n", r"tenant names must match"),
+        ("[tenants.a]\n[tenants.b]\ndriver = 'a'\n", r"driver 'a' is already used by tenants.a"),
+        ("[tenants.a]\npool = 'p'\n[tenants.b]\npool = 'p'\n", r"must not share a pool and namespace"),
+        ("[tenants.rbd]\ntrash_delay = 'later'\n", r"trash_delay 'later' is not a duration"),
+        ("[tenants]\nrbd = 3\n", r"\[tenants.rbd\] must be a table"),
+        ("tenants = [\n", r"is not valid TOML"),
+    ],
+)  # fmt: skip
+def test_bad_config_names_key_and_problem(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(write(tmp_path, text), environ={})
+    assert str(tmp_path) in str(err.value)
+
+
+def test_namespaced_tenants_may_share_a_pool(tmp_path: Path) -> None:
+    text = "[tenants.a]\npool = 'p'\nnamespace = 'a'\n[tenants.b]\npool = 'p'\nnamespace = 'b'\n"
+    config = load_config(write(tmp_path, text), environ={})
+    assert [t.namespace for t in config.tenants] == ["a", "b"]
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "[daemon]\nhost_id = 'a'\n[tenants.rbd]\n")
+    env = {"RBDPLUGIN_DAEMON_HOST_ID": "node7", "RBDPLUGIN_DAEMON_OP_TIMEOUT": "40",
+           "RBDPLUGIN_CEPH_CONF": "/srv/ceph.conf", "UNRELATED": "x"}  # fmt: skip
+    config = load_config(path, environ=env)
+    assert config.daemon.host_id == "node7"
+    assert config.daemon.op_timeout == 40
+    assert config.ceph.conf == Path("/srv/ceph.conf")
+
+
+def test_environment_override_is_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, "[tenants.rbd]\n")
+    with pytest.raises(ConfigError, match=r"daemon\.mapper 'x'"):
+        load_config(path, environ={"RBDPLUGIN_DAEMON_MAPPER": "x"})
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        load_config(path, environ={"RBDPLUGIN_DAEMON_COLOUR": "x"})
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[tenants.rbd]\n"), environ={})
+    with pytest.raises(AttributeError):
+        config.daemon.host_id = "other"  # type: ignore[misc]

@@ -1,0 +1,128 @@
+"""The subprocess choke point, with real child processes: output, failures, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from rbdplugin.errors import DeadlineExceeded, ProcessError
+from rbdplugin.process import (
+    Command,
+    pid_alive,
+    redact,
+    run,
+    run_sync,
+    spawn,
+    stop_pid,
+)
+
+KEY = "AQBkM0hnAAAAABAAm3tnDWFRr8ymYfb5kPJ0vA=="
+
+
+def test_redact_hides_cephx_keys_and_named_secrets() -> None:
+    text = f"key = {KEY} password=hunter2"
+    assert redact(text, ["hunter2"]) == "key = <redacted> password=<redacted>"
+
+
+def test_sync_success_is_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    done = run_sync(Command(["sh", "-c", "echo out; echo err >&2"], timeout=5))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "out\n", "err\n")
+    assert caplog.records == []
+
+
+def test_failure_keeps_redacted_output(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ProcessError) as err:
+        run_sync(Command(["sh", "-c", f"echo 'bad key {KEY}' >&2; exit 3"], timeout=5))
+    assert err.value.returncode == 3
+    assert "exit 3" in str(err.value)
+    assert KEY not in err.value.output and KEY not in caplog.text
+    assert "<redacted>" in err.value.output
+
+
+def test_missing_program() -> None:
+    with pytest.raises(ProcessError, match="not installed"):
+        run_sync(Command(["no-such-program-rbdplugin"], timeout=5))
+
+
+def test_unchecked_failure_returns_code() -> None:
+    assert run_sync(Command(["false"], timeout=5, check=False)).returncode == 1
+
+
+def test_input_is_fed_to_stdin() -> None:
+    assert run_sync(Command(["cat"], timeout=5, input="hello")).stdout == "hello"
+
+
+def test_sync_timeout_kills_the_whole_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded, match="did not finish within 1 s"):
+        run_sync(Command(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=1))
+    assert time.monotonic() - started < 10
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)
+
+
+def test_async_run_and_timeout() -> None:
+    async def scenario() -> None:
+        done = await run(Command(["sh", "-c", "echo hi"], timeout=5))
+        assert done.stdout == "hi\n"
+        with pytest.raises(DeadlineExceeded):
+            await run(Command(["sleep", "30"], timeout=0.5))
+        with pytest.raises(ProcessError, match="exit 4"):
+            await run(Command(["sh", "-c", "exit 4"], timeout=5))
+
+    asyncio.run(scenario())
+
+
+def test_async_cancel_kills_child(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+
+    async def scenario() -> None:
+        task = asyncio.create_task(
+            run(Command(["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"], timeout=60))
+        )
+        while not pidfile.exists() or not pidfile.read_text().strip():
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert not pid_alive(int(pidfile.read_text()))
+
+
+def test_spawn_and_stop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "log" / "d.out"
+    pid = spawn(["sh", "-c", "echo started; exec sleep 60"], out)
+    deadline = time.monotonic() + 5
+    while "started" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "started" in out.read_text()
+    assert pid_alive(pid)
+    assert stop_pid(pid, timeout=5)
+    assert not pid_alive(pid)
+
+
+def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    pid = spawn(["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done"],
+                tmp_path / "stubborn.out")  # fmt: skip
+    while "ready" not in (tmp_path / "stubborn.out").read_text():
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert stop_pid(pid, timeout=0.5)
+    assert time.monotonic() - started < 6
+    assert not pid_alive(pid)
+
+
+def test_pid_alive_for_missing_pid() -> None:
+    assert not pid_alive(2**22 + 12345)
+    assert pid_alive(os.getpid())
