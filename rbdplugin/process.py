@@ -212,3 +212,19 @@ def _reap(pid: int) -> None:
     # Not our child: PID 1 reaps it, and pid_alive() already treats a zombie as gone.
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
+    """:func:`stop_pid` without blocking the event loop."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not pid_alive(pid):
+                return True
+            await asyncio.sleep(0.02)
+    return not pid_alive(pid)

@@ -1,0 +1,173 @@
+"""Images as block devices without krbd or nbd: a FUSE export plus a loop device.
+
+qemu-storage-daemon opens the image with librbd as the tenant's cephx user and
+exports it as a regular file over FUSE; ``losetup`` turns that file into a block
+device. One export process per mapped image, started in its own session so that
+it (and the container's data path) outlives a daemon restart; a restarted daemon
+finds it again by its export path. The key never appears on a command line:
+librbd reads the tenant's keyring named in ``CEPH_KEYRING``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from rbdplugin.errors import (
+    CephUnavailable,
+    DeadlineExceeded,
+    NotFound,
+    PermissionDenied,
+    ProcessError,
+)
+from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice
+from rbdplugin.mapping.scan import loop_backing_files, mounts, processes
+from rbdplugin.process import Command, Runner, pid_alive, spawn, stop_pid_async
+
+log = logging.getLogger(__name__)
+PROGRAM = "qemu-storage-daemon"
+POLL = 0.02
+
+
+def _qemu_escape(value: str) -> str:
+    return value.replace(",", ",,")  # QEMU option syntax: a literal comma is doubled
+
+
+class FuseMapper:
+    name = "fuse"
+
+    def __init__(self, runner: Runner, host: HostPaths, exports: Path, timeout: float) -> None:
+        self.runner = runner
+        self.host = host
+        self.exports = exports
+        self.timeout = timeout
+
+    def export_path(self, image: ImageRef) -> Path:
+        # "-" cannot be a namespace name (those start with a letter or digit).
+        return self.exports / image.pool / (image.namespace or "-") / image.image
+
+    def export_command(self, image: ImageRef, export: Path, read_only: bool = False) -> list[str]:
+        blockdev = [
+            "driver=rbd", "node-name=n0", f"pool={image.pool}", f"image={image.image}",
+            f"conf={_qemu_escape(str(image.conf))}", f"user={image.user}",
+            "cache.direct=on", "discard=unmap",
+        ]  # fmt: skip
+        if image.namespace:
+            blockdev.insert(3, f"namespace={image.namespace}")
+        if read_only:
+            blockdev.append("read-only=on")
+        writable = "off" if read_only else "on"
+        target = _qemu_escape(str(export))
+        return [
+            PROGRAM,
+            "--blockdev", ",".join(blockdev),
+            "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={target},writable={writable}",
+        ]  # fmt: skip
+
+    async def map(self, image: ImageRef, read_only: bool = False) -> MappedDevice:
+        export = self.export_path(image)
+        export.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        export.touch(mode=0o600, exist_ok=True)
+        logfile = export.with_name(export.name + ".log")
+        logfile.unlink(missing_ok=True)
+        env = {**os.environ, "CEPH_KEYRING": str(image.keyring)}
+        pid = spawn(self.export_command(image, export, read_only), logfile, env=env)
+        mapped = MappedDevice(self.name, image.spec, "", {"pid": pid, "export": str(export)})
+        try:
+            await self._wait_exported(image, export, pid, logfile)
+            argv = [
+                "losetup",
+                "--find",
+                "--show",
+                *(["--read-only"] if read_only else []),
+                str(export),
+            ]
+            done = await self.runner(Command(argv, timeout=self.timeout))
+        except BaseException:
+            await asyncio.shield(self.unmap(mapped))
+            raise
+        return replace(mapped, device=done.stdout.strip())
+
+    async def _wait_exported(self, image: ImageRef, export: Path, pid: int, logfile: Path) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            entry = mounts(self.host).get(str(export))
+            if entry is not None and entry[1].startswith("fuse"):
+                return
+            if not (self.host.proc / str(pid)).exists() or not pid_alive(pid):
+                raise _export_error(image, logfile.read_text(errors="replace"))
+            await asyncio.sleep(POLL)
+        raise DeadlineExceeded(
+            f"the FUSE export of {image.spec} was not ready within {self.timeout:.0f} s"
+        )
+
+    async def find(self, image: ImageRef) -> MappedDevice | None:
+        export = self.export_path(image)
+        pids = processes(self.host, PROGRAM, f"mountpoint={export}")
+        loops = [
+            dev
+            for dev, backing in loop_backing_files(self.host).items()
+            if backing.startswith(str(export))
+        ]
+        exported = str(export) in mounts(self.host)
+        if not (pids or loops or exported):
+            return None
+        whole = bool(pids and loops and exported) and len(loops) == 1
+        details: dict[str, str | int] = {"pid": pids[0] if pids else 0, "export": str(export)}
+        return MappedDevice(self.name, image.spec, loops[0] if whole else "", details)
+
+    async def unmap(self, mapped: MappedDevice) -> None:
+        export = str(mapped.details.get("export", ""))
+        if not export:
+            return
+        for device, backing in loop_backing_files(self.host).items():
+            if backing.startswith(export):
+                await self._detach(device)
+        for pid in processes(self.host, PROGRAM, f"mountpoint={export}"):
+            if not await stop_pid_async(pid, timeout=self.timeout / 2):
+                raise ProcessError(f"the export process {pid} of {mapped.image} did not stop")
+        if export in mounts(self.host):
+            # The export's server is gone; only a dead FUSE mount is left to drop.
+            await self.runner(Command(["umount", "--lazy", export], timeout=self.timeout))
+        for path in (Path(export), Path(export + ".log")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    async def _detach(self, device: str) -> None:
+        done = await self.runner(
+            Command(["losetup", "--detach", device], timeout=self.timeout, check=False)
+        )
+        if done.returncode != 0 and "No such device" not in done.output:
+            raise ProcessError(
+                f"losetup --detach {device} failed: {done.output}", output=done.output
+            )
+        # Detach completes asynchronously; the export cannot be stopped while the loop holds it.
+        backing = self.host.sys / "block" / device.removeprefix("/dev/") / "loop" / "backing_file"
+        deadline = time.monotonic() + self.timeout
+        while backing.exists():
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(
+                    f"{device} was still attached {self.timeout:.0f} s after losetup --detach"
+                )
+            await asyncio.sleep(POLL)
+
+
+def _export_error(image: ImageRef, output: str) -> Exception:
+    tail = " ".join(line.strip() for line in output.splitlines()[-3:] if line.strip())
+    lowered = output.lower()
+    if "permission denied" in lowered or "operation not permitted" in lowered:
+        return PermissionDenied(
+            f"cannot open {image.spec} as client.{image.user}: permission denied by Ceph ({tail})"
+        )
+    if "no such file or directory" in lowered and "error opening image" in lowered:
+        return NotFound(f"cannot open {image.spec}: the image does not exist")
+    if "timed out" in lowered or "error connecting" in lowered:
+        return CephUnavailable(f"cannot open {image.spec}: Ceph did not answer ({tail})")
+    return ProcessError(
+        f"the FUSE export of {image.spec} failed to start: {tail or 'no output'}", output=output
+    )
