@@ -117,6 +117,18 @@ async def path(request: web.Request) -> web.Response:
     return reply({"Mountpoint": request.app[SERVICE].path(volume_name(body)), "Err": ""})
 
 
+async def mount(request: web.Request) -> web.Response:
+    body = request[BODY]
+    mountpoint = await request.app[SERVICE].mount(volume_name(body), body.get("ID"))
+    return reply({"Mountpoint": mountpoint, "Err": ""})
+
+
+async def unmount(request: web.Request) -> web.Response:
+    body = request[BODY]
+    await request.app[SERVICE].unmount(volume_name(body), body.get("ID"))
+    return reply({"Err": ""})
+
+
 async def remove(request: web.Request) -> web.Response:
     body = request[BODY]
     await request.app[SERVICE].remove(volume_name(body))
@@ -131,6 +143,8 @@ ROUTES: dict[str, Handler] = {
     "/VolumeDriver.List": list_volumes,
     "/VolumeDriver.Path": path,
     "/VolumeDriver.Remove": remove,
+    "/VolumeDriver.Mount": mount,
+    "/VolumeDriver.Unmount": unmount,
 }
 
 

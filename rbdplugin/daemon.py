@@ -22,11 +22,17 @@ from pathlib import Path
 from aiohttp import web
 
 from rbdplugin.api import build_app
+from rbdplugin.attach import Attacher
 from rbdplugin.backends import VolumeBackend
 from rbdplugin.backends.rbd import RbdBackend
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
 from rbdplugin.errors import ConfigError, RbdPluginError
+from rbdplugin.filesystem import Filesystems
+from rbdplugin.mapping import HostPaths, Mapper
+from rbdplugin.mapping.select import build_mapper
+from rbdplugin.mounts import MountTable
+from rbdplugin.process import run
 from rbdplugin.service import VolumeService
 from rbdplugin.state import KnownVolumes
 
@@ -84,17 +90,21 @@ class Driver:
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, host: HostPaths | None = None) -> None:
         self.config = config
+        self.host = host or HostPaths()
         self.drivers: list[Driver] = []
+        self.mapper: Mapper | None = None
 
     async def start(self) -> None:
         daemon = self.config.daemon
         for path in (daemon.state_dir, daemon.mount_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        mapper = build_mapper(daemon.mapper, run, self.host, daemon.state_dir, daemon.op_timeout)
+        self.mapper = mapper
         try:
             for tenant in self.config.tenants:
-                self.drivers.append(await self._start_driver(tenant))
+                self.drivers.append(await self._start_driver(tenant, mapper))
         except BaseException:
             await self.stop()
             raise
@@ -106,11 +116,20 @@ class Daemon:
             daemon.host_id,
         )
 
-    async def _start_driver(self, tenant: TenantConfig) -> Driver:
+    async def _start_driver(self, tenant: TenantConfig, mapper: Mapper) -> Driver:
         daemon = self.config.daemon
         known = KnownVolumes(daemon.state_dir / tenant.name / "known-volumes.json")
         backend = build_backend(self.config, tenant)
-        service = VolumeService(tenant, backend, known, daemon.host_id, daemon.op_timeout)
+        attacher = Attacher(
+            tenant=tenant, conf=self.config.ceph.conf, mount_root=daemon.mount_root, mapper=mapper,
+            filesystems=Filesystems(run, self.host, daemon.op_timeout), backend=backend,
+            table=MountTable(daemon.state_dir / tenant.name / "mounts.json"),
+        )  # fmt: skip
+        service = VolumeService(
+            tenant=tenant, backend=backend, attacher=attacher, known=known,
+            host_id=daemon.host_id, op_timeout=daemon.op_timeout,
+        )  # fmt: skip
+        await service.start()
         runner = web.AppRunner(
             build_app(tenant.driver, service),
             handle_signals=False,

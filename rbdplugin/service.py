@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
+from rbdplugin.attach import Attacher
 from rbdplugin.backends import VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import (
@@ -23,12 +25,14 @@ from rbdplugin.errors import (
     InvalidArgument,
     NotFound,
     QuotaExceeded,
+    VolumeBusy,
 )
 from rbdplugin.spec import CreateRequest, Defaults, incompatibilities, parse_create, validate_name
 from rbdplugin.state import KnownVolumes
 from rbdplugin.units import format_size
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,14 +47,18 @@ class VolumeView:
 class VolumeService:
     def __init__(
         self,
+        *,
         tenant: TenantConfig,
         backend: VolumeBackend,
+        attacher: Attacher,
         known: KnownVolumes,
         host_id: str,
         op_timeout: float,
     ) -> None:
         self.tenant = tenant
         self.backend = backend
+        self.attacher = attacher
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.known = known
         self.host_id = host_id
         self.op_timeout = op_timeout
@@ -169,6 +177,49 @@ class VolumeService:
             )
         return info
 
+    # -- Mount / Unmount -------------------------------------------------------------------
+
+    async def mount(self, name: str, mount_id: object) -> str:
+        name, mount_id = validate_name(name), _mount_id(mount_id)
+        return await self._owned(self._mount(name, mount_id))
+
+    async def _mount(self, name: str, mount_id: str) -> str:
+        async with self._volume(name, "mounting"):
+            # Already mounted here: one more reference, and no need to ask Ceph.
+            mountpoint = self.attacher.add_reference(name, mount_id)
+            if mountpoint is None:
+                info = await self._inspect_or_create(name)
+                mountpoint = await self.attacher.mount(info, mount_id)
+            return mountpoint
+
+    async def _inspect_or_create(self, name: str) -> VolumeInfo:
+        info = await self._inspect_or_none(name)
+        if info is not None:
+            return info
+        if not self.tenant.auto_create:
+            raise NotFound(
+                f"volume {name!r} does not exist and driver {self.tenant.driver} does not create "
+                f"volumes implicitly; create it with docker volume create -d {self.tenant.driver}"
+            )
+        info = await self._create_new(parse_create(name, None, self.defaults))
+        self.known.remember(name, self._status(info))
+        return info
+
+    async def unmount(self, name: str, mount_id: object) -> None:
+        name, mount_id = validate_name(name), _mount_id(mount_id)
+        await self._owned(self._unmount(name, mount_id))
+
+    async def _unmount(self, name: str, mount_id: str) -> None:
+        async with self._volume(name, "unmounting"):
+            await self.attacher.unmount(name, mount_id)
+
+    async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` as a task of the service: a caller that goes away does not cancel it."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
+
     # -- Get / List / Path -------------------------------------------------------------
 
     async def get(self, name: str) -> VolumeView:
@@ -183,10 +234,30 @@ class VolumeService:
             if cached is None:
                 raise
             log.warning("volume %s: Ceph unreachable, answering Get from local state", name)
-            return VolumeView(name, self.path(name), {**cached, "ceph": f"unreachable: {exc}"})
+            status = {**cached, "ceph": f"unreachable: {exc}", **self._mount_status(name)}
+            return VolumeView(name, self.path(name), status)
         status = self._status(info)
         self.known.remember(name, status)
-        return VolumeView(name, self.path(name), status)
+        return VolumeView(name, self.path(name), {**status, **self._mount_status(name)})
+
+    def _mount_status(self, name: str) -> dict[str, Any]:
+        record = self.attacher.mounted(name)
+        if record is None or record.mapped is None:
+            return {}
+        status: dict[str, Any] = {
+            "device": record.mapped.device,
+            "mapper": record.mapped.mapper,
+            "mountpoint": record.mountpoint,
+            "mounted_on": self.host_id,
+            "mounted_since": record.since,
+            "mounts": dict(record.counts),
+        }
+        try:
+            usage = self.attacher.fs.usage(Path(record.mountpoint))
+        except OSError:
+            return status
+        status.update(fs_size_bytes=usage.size, fs_used_bytes=usage.used, fs_free_bytes=usage.free)
+        return status
 
     async def list(self) -> list[VolumeView]:
         try:
@@ -202,7 +273,8 @@ class VolumeService:
 
     def path(self, name: str) -> str:
         validate_name(name)
-        return ""  # Mountpoints arrive with Mount.
+        record = self.attacher.mounted(name)
+        return record.mountpoint if record else ""
 
     def _status(self, info: VolumeInfo) -> dict[str, Any]:
         spec = info.spec
@@ -231,9 +303,27 @@ class VolumeService:
     async def remove(self, name: str) -> None:
         name = validate_name(name)
         async with self._volume(name, "removing"):
+            record = self.attacher.table.get(name)
+            if record is not None:
+                raise VolumeBusy(
+                    f"volume {name!r} is mounted on host {self.host_id} at {record.mountpoint} "
+                    f"({record.references} mount(s) by containers); "
+                    "stop the containers using it first"
+                )
             outcome = await self.backend.remove(name)
             self.known.forget(name)
         log.info("volume %s: removed (%s, policy %s)", name, outcome, self.tenant.remove_policy)
 
+    async def start(self) -> None:
+        await self.attacher.reconcile()
+
     async def close(self) -> None:
+        if self._tasks:  # let in-flight mounts and unmounts finish or roll back
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.backend.close()
+
+
+def _mount_id(mount_id: object) -> str:
+    if not isinstance(mount_id, str) or not mount_id or len(mount_id) > 256:
+        raise InvalidArgument("ID must be a non-empty string of at most 256 characters")
+    return mount_id

@@ -58,6 +58,18 @@ class VolumeBackend(Protocol):
         """Remove by the tenant's policy; refuse with VolumeBusy while anything uses it."""
         ...
 
+    async def formatting_started(self, name: str) -> None:
+        """Mark that our mkfs is about to run (so an interrupted one can be told apart)."""
+        ...
+
+    async def formatting_done(self, name: str) -> None:
+        """Clear that mark and the ``fresh`` flag: the volume holds a filesystem now."""
+        ...
+
+    async def formatting_interrupted(self, name: str) -> bool:
+        """True if our mkfs started on this volume and never finished."""
+        ...
+
     async def usage(self) -> Usage:
         """How many volumes and bytes count against the tenant's quota."""
         ...

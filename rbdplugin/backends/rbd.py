@@ -8,6 +8,7 @@ the image's own metadata, so every host sees the same thing (Scope "global").
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from datetime import UTC, datetime
 
@@ -154,6 +155,37 @@ class RbdBackend:
             volumes += got["image_count"]
             provisioned += got["image_max_provisioned_bytes"]
         return Usage(volumes=volumes, provisioned=provisioned)
+
+    # -- formatting marks ----------------------------------------------------------------
+
+    async def formatting_started(self, name: str) -> None:
+        await self._set_meta(name, {f"{META}formatting": datetime.now(UTC).isoformat()})
+
+    async def formatting_done(self, name: str) -> None:
+        await self._set_meta(name, {f"{META}formatting": None, f"{META}fresh": None})
+
+    async def formatting_interrupted(self, name: str) -> bool:
+        pool = await self._pool_of(name)
+
+        def read(ioctx: rados.Ioctx) -> bool:
+            with rbd.Image(ioctx, name, read_only=True) as image:
+                return any(key == f"{META}formatting" for key, _ in image.metadata_list())
+
+        return await self.client.run(pool, f"reading volume {name!r}", read)
+
+    async def _set_meta(self, name: str, values: dict[str, str | None]) -> None:
+        pool = await self._pool_of(name)
+
+        def write(ioctx: rados.Ioctx) -> None:
+            with rbd.Image(ioctx, name) as image:
+                for key, value in values.items():
+                    if value is not None:
+                        image.metadata_set(key, value)
+                    else:
+                        with contextlib.suppress(KeyError):  # already absent
+                            image.metadata_remove(key)
+
+        await self.client.run(pool, f"updating volume {name!r}", write)
 
     # -- remove ------------------------------------------------------------------------
 

@@ -1,0 +1,231 @@
+"""Attach and detach volumes on this host: map, format once, mount; and back.
+
+Every stage is recorded in the :class:`~rbdplugin.mounts.MountTable` before it
+starts, so a failure undoes exactly the stages done (Docker never sends Unmount
+after a failed Mount), and a daemon killed mid-way is put right at start-up by
+:meth:`Attacher.reconcile`: a mount a container still uses is kept with its
+counts; anything half-done is taken down; nothing is mapped twice.
+
+Callers serialise work per volume; this class holds no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from rbdplugin.backends import VolumeBackend, VolumeInfo
+from rbdplugin.config import TenantConfig
+from rbdplugin.errors import InvalidArgument, RbdPluginError, VolumeBusy
+from rbdplugin.filesystem import Filesystems
+from rbdplugin.mapping import ImageRef, MappedDevice, Mapper
+from rbdplugin.mounts import MountRecord, MountTable
+
+log = logging.getLogger(__name__)
+TEARDOWN_SECONDS = 60.0
+
+
+class Attacher:
+    def __init__(
+        self,
+        *,
+        tenant: TenantConfig,
+        conf: Path,
+        mount_root: Path,
+        mapper: Mapper,
+        filesystems: Filesystems,
+        backend: VolumeBackend,
+        table: MountTable,
+    ) -> None:
+        self.tenant = tenant
+        self.conf = conf
+        self.mount_root = mount_root
+        self.mapper = mapper
+        self.fs = filesystems
+        self.backend = backend
+        self.table = table
+
+    def image_ref(self, pool: str, image: str) -> ImageRef:
+        t = self.tenant
+        return ImageRef(pool, t.namespace, image, t.user, t.keyring, self.conf)
+
+    def mountpoint(self, volume: str) -> Path:
+        return self.mount_root / self.tenant.name / volume
+
+    def mounted(self, volume: str) -> MountRecord | None:
+        """The record of a finished, still-present mount of ``volume``."""
+        record = self.table.get(volume)
+        if record and record.phase == "mounted" and self._intact(record):
+            return record
+        return None
+
+    def _intact(self, record: MountRecord) -> bool:
+        source = self.fs.mounted_from(Path(record.mountpoint))
+        return bool(record.mapped and source and source == record.mapped.device)
+
+    # -- Mount ---------------------------------------------------------------------------
+
+    def add_reference(self, volume: str, mount_id: str) -> str | None:
+        """Count one more Mount of a volume mounted here; None if it is not mounted."""
+        record = self.mounted(volume)
+        if record is None:
+            return None
+        record.counts[mount_id] = record.counts.get(mount_id, 0) + 1
+        self.table.save(record)
+        return record.mountpoint
+
+    async def mount(self, info: VolumeInfo, mount_id: str) -> str:
+        """Map, format if blank, and mount a volume that is not mounted here yet."""
+        leftover = self.table.get(info.name)
+        if leftover is not None:
+            await self._teardown(leftover)
+        record = MountRecord(
+            volume=info.name, pool=info.spec.pool, namespace=self.tenant.namespace,
+            image=info.name, mountpoint=str(self.mountpoint(info.name)),
+        )  # fmt: skip
+        self.table.save(record)
+        try:
+            await self._attach(info, record, mount_id)
+        except BaseException as exc:
+            log.warning(
+                "volume %s: mount failed at %s (%s); rolling back", info.name, record.phase, exc
+            )
+            await _shielded(self._teardown(record))
+            raise
+        return record.mountpoint
+
+    async def _attach(self, info: VolumeInfo, record: MountRecord, mount_id: str) -> None:
+        image = self.image_ref(info.spec.pool, info.name)
+        record.mapped = await self._map(image)
+        record.phase = "mapped"
+        self.table.save(record)
+        record.fstype = await self._format_once(info, record.mapped.device)
+        record.phase = "mounting"
+        self.table.save(record)
+        await self.fs.mount(record.mapped.device, Path(record.mountpoint), record.fstype,
+                            info.spec.mount_options)  # fmt: skip
+        record.phase = "mounted"
+        record.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record.counts = {mount_id: 1}
+        self.table.save(record)
+        log.info("volume %s: mounted %s at %s (%s)", info.name, record.mapped.device,
+                 record.mountpoint, self.mapper.name)  # fmt: skip
+
+    async def _map(self, image: ImageRef) -> MappedDevice:
+        found = await self.mapper.find(image)
+        if found is not None:
+            # Not in our table, so not ours to keep: a leftover from a crash, or someone else's.
+            users = self.fs.mount_points_of(found.device)
+            if users:
+                raise VolumeBusy(
+                    f"image {image.spec} is already mapped at {found.device} and mounted at "
+                    f"{', '.join(users)} outside rbdplugin; unmount it there first"
+                )
+            log.info("volume %s: removing a leftover mapping %s", image.image, found)
+            await self.mapper.unmap(found)
+        return await self.mapper.map(image)
+
+    async def _format_once(self, info: VolumeInfo, device: str) -> str:
+        wanted = info.spec.fstype
+        signature = await self.fs.probe(device)
+        if signature is not None:
+            if await self.backend.formatting_interrupted(info.name):
+                # Our own mkfs died half-way: nothing was ever mounted, so redo it.
+                log.warning("volume %s: finishing an interrupted mkfs", info.name)
+                await self._mkfs(info, device, wanted, force=True)
+                return wanted
+            kind = signature.mountable_as
+            if kind is None:
+                raise InvalidArgument(
+                    f"volume {info.name!r}: device {device} carries a {signature.type} signature, "
+                    "not a filesystem rbdplugin mounts (ext4, xfs); it is never formatted over. "
+                    "Inspect it with blkid; if it holds nothing of value, wipe it yourself "
+                    "(wipefs -a)"
+                )
+            if wanted and kind != wanted:
+                log.warning("volume %s: has %s, not the requested %s; mounting it as it is",
+                            info.name, kind, wanted)  # fmt: skip
+            return kind
+        if not wanted:
+            raise InvalidArgument(
+                f"volume {info.name!r} is blank and has no fstype; create it with --opt fstype=ext4"
+            )
+        await self._mkfs(info, device, wanted, force=False)
+        return wanted
+
+    async def _mkfs(self, info: VolumeInfo, device: str, fstype: str, force: bool) -> None:
+        await self.backend.formatting_started(info.name)
+        started = time.monotonic()
+        await self.fs.mkfs(
+            device, fstype, fast=info.fresh, extra=info.spec.mkfs_options, force=force
+        )
+        await self.backend.formatting_done(info.name)
+        log.info("volume %s: made %s on %s in %.1f s%s", info.name, fstype, device,
+                 time.monotonic() - started, " (fast)" if info.fresh else "")  # fmt: skip
+
+    # -- Unmount -------------------------------------------------------------------------
+
+    async def unmount(self, volume: str, mount_id: str) -> None:
+        record = self.table.get(volume)
+        if record is None or mount_id not in record.counts:
+            log.info("volume %s: Unmount of unknown ID %s: nothing to do", volume, mount_id)
+            return
+        record.counts[mount_id] -= 1
+        if record.counts[mount_id] <= 0:
+            del record.counts[mount_id]
+        if record.counts:
+            self.table.save(record)
+            return
+        record.phase = "unmounting"
+        self.table.save(record)
+        try:
+            await _shielded(self._teardown(record))
+        except RbdPluginError:
+            if self._intact(record):
+                record.phase = "mounted"  # still mounted, unreferenced: a later Mount reuses it
+                self.table.save(record)
+            raise
+        log.info("volume %s: unmounted and unmapped", volume)
+
+    async def _teardown(self, record: MountRecord) -> None:
+        """Undo whatever stages of ``record`` happened; then forget it."""
+        await self.fs.unmount(Path(record.mountpoint))
+        image = self.image_ref(record.pool, record.image)
+        for mapped in (record.mapped, await self.mapper.find(image)):
+            if mapped is not None:
+                await self.mapper.unmap(mapped)
+        with contextlib.suppress(OSError):
+            Path(record.mountpoint).rmdir()
+        self.table.drop(record.volume)
+
+    # -- start-up ------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        """Make the table match the truth after a restart or crash."""
+        for record in self.table.all():
+            if record.phase == "mounted" and self._intact(record) and record.counts:
+                log.info("volume %s: still mounted at %s for %d reference(s); kept",
+                         record.volume, record.mountpoint, record.references)  # fmt: skip
+                continue
+            log.warning("volume %s: cleaning up a %s entry left by a previous run",
+                        record.volume, record.phase)  # fmt: skip
+            try:
+                await self._teardown(record)
+            except RbdPluginError as exc:
+                log.error("volume %s: could not clean up (%s); will retry on next Mount",
+                          record.volume, exc)  # fmt: skip
+
+
+async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a clean-up to its end even if the request that started it is cancelled."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), TEARDOWN_SECONDS)
+    except asyncio.CancelledError:
+        await asyncio.wait_for(task, TEARDOWN_SECONDS)
+        raise
