@@ -85,14 +85,18 @@ def daemon_factory(short_tmp: Path, cluster: DevCluster) -> Iterator[StartDaemon
     counter = iter(range(1000))
 
     def start(
-        tenants: str, wait_for: str, conf: Path | None = None, **daemon: object
+        tenants: str,
+        wait_for: str,
+        conf: Path | None = None,
+        env: dict[str, str] | None = None,
+        **daemon: object,
     ) -> DaemonProcess:
         root = short_tmp / f"d{next(counter)}"
         root.mkdir()
         config = write_config(
             root / "rbdplugin.toml", daemon_toml(root, conf or cluster.conf, tenants, **daemon)
         )
-        proc = DaemonProcess(config, root / "daemon.log", root / "plugins")
+        proc = DaemonProcess(config, root / "daemon.log", root / "plugins", env=env)
         started.append(proc)
         return proc.start(wait_for)
 

@@ -76,10 +76,13 @@ def unique(prefix: str = "v") -> str:
 class DaemonProcess:
     """``rbdplugin serve --config FILE`` as a child process, its log in a file."""
 
-    def __init__(self, config: Path, log_path: Path, socket_dir: Path) -> None:
+    def __init__(
+        self, config: Path, log_path: Path, socket_dir: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.config = config
         self.log_path = log_path
         self.socket_dir = socket_dir
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, wait_for: str, timeout: float = 30.0) -> DaemonProcess:
@@ -88,6 +91,7 @@ class DaemonProcess:
                 [sys.executable, "-m", "rbdplugin", "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self.env,
             )
         client = self.client(wait_for)
         deadline = time.monotonic() + timeout
@@ -106,6 +110,12 @@ class DaemonProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """kill -9, as a crash would."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> int:
         assert self.proc is not None
@@ -148,6 +158,10 @@ class Admin:
         with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
             bits: int = im.features()
             return bits
+
+    def watchers(self, pool: str, image: str) -> list[str]:
+        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
+            return [w["addr"] for w in im.watchers_list()]
 
     def create_image(self, pool: str, name: str, size: int, namespace: str = "") -> None:
         with self.cluster.open_ioctx(pool) as ioctx:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import rados
@@ -22,6 +23,8 @@ from rbdplugin.errors import Conflict, InvalidArgument, NotFound, VolumeBusy
 from rbdplugin.spec import NAME_MAX, CreateRequest, VolumeSpec, validate_name
 
 META = "rbdplugin."
+# Never store an empty metadata value: python-rbd's metadata_list() drops empty
+# values and pairs the remaining ones with the wrong keys. Absent means empty.
 # Removed-but-kept images are renamed with a character Docker names cannot hold,
 # so List no longer shows them and the name is free again.
 KEPT_MARK = "~removed-"
@@ -61,8 +64,7 @@ class RbdBackend:
             )
             try:
                 with rbd.Image(ioctx, name) as image:
-                    for key, value in metadata.items():
-                        image.metadata_set(key, value)
+                    _write_metadata(image, metadata)
             except BaseException:
                 # Never leave an image without its metadata: it would be adopted as foreign.
                 rbd.RBD().remove(ioctx, name)
@@ -74,11 +76,15 @@ class RbdBackend:
     async def adopt(self, request: CreateRequest) -> None:
         """Record a Create's fstype and options on an image made outside the plugin."""
 
+        values = {
+            f"{META}fstype": request.spec.fstype,
+            f"{META}mkfs_options": shlex.join(request.spec.mkfs_options),
+            f"{META}mount_options": ",".join(request.spec.mount_options),
+        }
+
         def record(ioctx: rados.Ioctx) -> None:
             with rbd.Image(ioctx, request.name) as image:
-                image.metadata_set(f"{META}fstype", request.spec.fstype)
-                image.metadata_set(f"{META}mkfs_options", shlex.join(request.spec.mkfs_options))
-                image.metadata_set(f"{META}mount_options", ",".join(request.spec.mount_options))
+                _write_metadata(image, values)
 
         pool = await self._pool_of(request.name)
         await self.client.run(pool, f"adopting image {request.name!r}", record)
@@ -173,17 +179,12 @@ class RbdBackend:
 
         return await self.client.run(pool, f"reading volume {name!r}", read)
 
-    async def _set_meta(self, name: str, values: dict[str, str | None]) -> None:
+    async def _set_meta(self, name: str, values: Mapping[str, str | None]) -> None:
         pool = await self._pool_of(name)
 
         def write(ioctx: rados.Ioctx) -> None:
             with rbd.Image(ioctx, name) as image:
-                for key, value in values.items():
-                    if value is not None:
-                        image.metadata_set(key, value)
-                    else:
-                        with contextlib.suppress(KeyError):  # already absent
-                            image.metadata_remove(key)
+                _write_metadata(image, values)
 
         await self.client.run(pool, f"updating volume {name!r}", write)
 
@@ -217,6 +218,16 @@ class RbdBackend:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _write_metadata(image: rbd.Image, values: Mapping[str, str | None]) -> None:
+    """Set each non-empty value; remove keys whose value is empty or None."""
+    for key, value in values.items():
+        if value:
+            image.metadata_set(key, value)
+        else:
+            with contextlib.suppress(KeyError):  # already absent
+                image.metadata_remove(key)
 
 
 def _is_volume_name(name: str) -> bool:

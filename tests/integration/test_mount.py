@@ -1,0 +1,321 @@
+"""Mount and Unmount for real: the fuse mapper (qemu-storage-daemon + loop), real
+mkfs, real mounts, real Ceph. Checks look at the truth: mountinfo, loop devices
+in sysfs, processes, and the image's watchers in Ceph."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from rbdplugin.devcluster import DevCluster
+from rbdplugin.mapping import HostPaths
+from rbdplugin.mapping.scan import loop_backing_files, mounts, processes
+from rbdplugin.units import MiB
+from tests.conftest import StartDaemon, tenant_toml
+from tests.helpers import Admin, DaemonProcess, PluginClient, unique
+
+HOST = HostPaths()
+
+
+def mount(client: PluginClient, name: str, mount_id: str) -> str:
+    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
+    assert reply["Err"] == "", reply
+    path: str = reply["Mountpoint"]
+    assert os.path.isabs(path) and os.path.isdir(path)
+    return path
+
+
+def unmount(client: PluginClient, name: str, mount_id: str) -> None:
+    assert client.call("VolumeDriver.Unmount", {"Name": name, "ID": mount_id}) == {"Err": ""}
+
+
+def export_of(daemon: DaemonProcess, pool: str, name: str) -> str:
+    return str(daemon.config.parent / "state" / "exports" / pool / "-" / name)
+
+
+def leftovers(daemon: DaemonProcess, admin: Admin, tenant: str, name: str) -> list[str]:
+    """Everything a mount of ``name`` could leave behind; empty when it is all gone."""
+    found = []
+    mountpoint = str(daemon.config.parent / "mounts" / tenant / name)
+    if mountpoint in mounts(HOST):
+        found.append(f"still mounted at {mountpoint}")
+    export = export_of(daemon, tenant, name)
+    if export in mounts(HOST):
+        found.append(f"FUSE export still mounted at {export}")
+    found += [
+        f"loop {dev}" for dev, back in loop_backing_files(HOST).items() if back.startswith(export)
+    ]
+    found += [
+        f"export process {pid}"
+        for pid in processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")
+    ]
+    found += [f"watcher {w}" for w in admin.watchers(tenant, name)]
+    table = daemon.config.parent / "state" / tenant / "mounts.json"
+    if table.exists() and name in json.loads(table.read_text()):
+        found.append("entry in mounts.json")
+    return found
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_mount_write_unmount_remount_keeps_data(daemon: DaemonProcess, admin: Admin) -> None:
+    client, name = daemon.client("alpha"), unique()
+    assert client.create(name, {"size": "256M"}) == {"Err": ""}
+    path = Path(mount(client, name, "c1"))
+    assert mounts(HOST)[str(path)][1] == "ext4"
+    data = os.urandom(3 * MiB + 17)
+    (path / "blob").write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    status = client.get(name)["Volume"]["Status"]
+    assert status["mountpoint"] == str(path) and status["mounts"] == {"c1": 1}
+    assert status["device"].startswith("/dev/loop") and status["mapper"] == "fuse"
+    assert status["fs_used_bytes"] >= 3 * MiB
+    assert status["fs_size_bytes"] > 200 * MiB
+    assert client.call("VolumeDriver.Path", {"Name": name})["Mountpoint"] == str(path)
+    assert admin.metadata("alpha", name).get("rbdplugin.fresh") is None  # formatted now
+
+    unmount(client, name, "c1")
+    assert leftovers(daemon, admin, "alpha", name) == []
+    assert client.call("VolumeDriver.Path", {"Name": name})["Mountpoint"] == ""
+
+    path = Path(mount(client, name, "c2"))  # a fresh mapping: new export process, new loop
+    assert digest(path / "blob") == expected
+    unmount(client, name, "c2")
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+
+def test_counts_per_id_and_nested_mounts(daemon: DaemonProcess, admin: Admin) -> None:
+    client, name = daemon.client("alpha"), unique()
+    first = mount(client, name, "a")  # implicit create with alpha's defaults
+    assert mount(client, name, "a") == first  # docker cp / copy-up reuse the ID
+    assert mount(client, name, "b") == first
+    assert client.get(name)["Volume"]["Status"]["mounts"] == {"a": 2, "b": 1}
+    unmount(client, name, "a")
+    unmount(client, name, "b")
+    assert first in mounts(HOST)  # "a" still holds it once
+    unmount(client, name, "unknown-id")  # harmless
+    assert first in mounts(HOST)
+    unmount(client, name, "a")
+    assert leftovers(daemon, admin, "alpha", name) == []
+    unmount(client, name, "a")  # again: harmless
+
+
+def test_implicit_create_on_mount(daemon: DaemonProcess, admin: Admin) -> None:
+    client, name = daemon.client("alpha"), unique("implicit")
+    path = mount(client, name, "x")
+    assert admin.size("alpha", name) == 1024 * MiB
+    assert admin.metadata("alpha", name)["rbdplugin.fstype"] == "ext4"
+    unmount(client, name, "x")
+    assert leftovers(daemon, admin, "alpha", name) == []
+    assert not os.path.exists(path)
+
+
+def test_parallel_mounts_of_one_volume_make_one_mapping(
+    daemon: DaemonProcess, admin: Admin
+) -> None:
+    client, name = daemon.client("alpha"), unique()
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    with ThreadPoolExecutor(10) as pool:
+        paths = set(pool.map(lambda i: mount(client, name, f"id{i}"), range(10)))
+    assert len(paths) == 1
+    export = export_of(daemon, "alpha", name)
+    assert len(processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")) == 1
+    assert len([d for d, b in loop_backing_files(HOST).items() if b.startswith(export)]) == 1
+    assert len(admin.watchers("alpha", name)) == 1
+    assert client.get(name)["Volume"]["Status"]["mounts"] == {f"id{i}": 1 for i in range(10)}
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda i: unmount(client, name, f"id{i}"), range(10)))
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+
+def test_eight_volumes_mount_in_parallel(daemon: DaemonProcess, admin: Admin) -> None:
+    client = daemon.client("alpha")
+    names = [unique("par") for _ in range(8)]
+    for name in names:
+        assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda n: mount(client, n, "c"), names))
+    devices = {mounts(HOST)[p][0] for p in paths}
+    assert len(devices) == 8
+    for path in paths:
+        Path(path, "marker").write_text(path)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: unmount(client, n, "c"), names))
+    for name in names:
+        assert leftovers(daemon, admin, "alpha", name) == []
+
+
+def test_remove_of_a_mounted_volume_is_refused(daemon: DaemonProcess, admin: Admin) -> None:
+    client, name = daemon.client("beta"), unique()
+    path = mount(client, name, "c")
+    err = client.remove(name)["Err"]
+    assert f"volume '{name}' is mounted on host host-a at {path}" in err
+    assert name in admin.images("beta")
+    unmount(client, name, "c")
+    assert client.remove(name) == {"Err": ""}
+    assert name not in admin.images("beta")
+
+
+def test_xfs_volume(daemon: DaemonProcess, admin: Admin) -> None:
+    client, name = daemon.client("alpha"), unique()
+    assert client.create(name, {"size": "320M", "fstype": "xfs", "mount-options": "noatime"}) == {
+        "Err": ""
+    }
+    path = mount(client, name, "c")
+    assert mounts(HOST)[path][1] == "xfs"
+    unmount(client, name, "c")
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+
+# -- never reformat ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def hand_mapped(cluster: DevCluster, short_tmp: Path) -> Iterator[object]:
+    """Map an image by hand (as an operator would), run a command on the device, unmap."""
+    started: list[tuple[subprocess.Popen[bytes], Path, str]] = []
+
+    def run_on(pool: str, image: str, *script: str) -> None:
+        export = short_tmp / f"hand-{image}"
+        export.touch()
+        env = {**os.environ, "CEPH_KEYRING": str(cluster.admin_keyring)}
+        proc = subprocess.Popen(
+            ["qemu-storage-daemon", "--blockdev",
+             f"driver=rbd,node-name=n0,pool={pool},image={image},conf={cluster.conf},user=admin",
+             "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={export},writable=on"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while str(export) not in mounts(HOST):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        loop = subprocess.check_output(
+            ["losetup", "--find", "--show", str(export)], text=True
+        ).strip()
+        try:
+            for command in script:
+                subprocess.run(
+                    ["sh", "-c", command.replace("DEV", loop)], check=True, capture_output=True
+                )
+        finally:
+            subprocess.run(["losetup", "--detach", loop], check=True)
+            while Path(f"/sys/block/{Path(loop).name}/loop/backing_file").exists():
+                time.sleep(0.05)
+            proc.terminate()
+            proc.wait(10)
+            export.unlink()
+        started.append((proc, export, loop))
+
+    yield run_on
+
+
+def test_a_filesystem_made_by_hand_is_never_reformatted(
+    daemon: DaemonProcess, admin: Admin, hand_mapped: object, short_tmp: Path
+) -> None:
+    client, name = daemon.client("alpha"), unique("byhand")
+    assert client.create(name, {"size": "400M", "fstype": "ext4"}) == {
+        "Err": ""
+    }  # fresh, ext4 asked
+    assert admin.metadata("alpha", name)["rbdplugin.fresh"] == "1"
+    scratch = short_tmp / f"mnt-{name}"
+    scratch.mkdir()
+    hand_mapped(
+        "alpha",
+        name,
+        "mkfs.xfs -q DEV",  # type: ignore[operator]
+        f"mount DEV {scratch} && echo precious > {scratch}/keep && umount {scratch}",
+    )
+    path = Path(mount(client, name, "c"))
+    assert mounts(HOST)[str(path)][1] == "xfs"  # mounted as it is, not made ext4
+    assert (path / "keep").read_text() == "precious\n"
+    unmount(client, name, "c")
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+
+def test_a_device_with_a_foreign_signature_is_refused_untouched(
+    daemon: DaemonProcess, admin: Admin, hand_mapped: object
+) -> None:
+    client, name = daemon.client("alpha"), unique("swapped")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    hand_mapped("alpha", name, "mkswap DEV")  # type: ignore[operator]
+    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})
+    assert "carries a swap signature, not a filesystem rbdplugin mounts" in reply["Err"]
+    assert "never formatted over" in reply["Err"]
+    assert leftovers(daemon, admin, "alpha", name) == []
+    hand_mapped("alpha", name, "blkid -p DEV | grep -q 'TYPE=\"swap\"'")  # type: ignore[operator]
+
+
+# -- restarts ----------------------------------------------------------------------------
+
+
+def _alpha_daemon(
+    cluster: DevCluster, daemon_factory: StartDaemon, state: Path, **extra: object
+) -> DaemonProcess:
+    tenants = tenant_toml(cluster, "alpha", default_size="64M")
+    return daemon_factory(tenants, wait_for="alpha", state_dir=str(state),
+                          mount_root=str(state.parent / "mounts"), **extra)  # fmt: skip
+
+
+def test_restart_keeps_a_mount_in_use(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path
+) -> None:
+    state = short_tmp / unique("rs") / "state"
+    first = _alpha_daemon(cluster, daemon_factory, state)
+    client, name = first.client("alpha"), unique()
+    path = Path(mount(client, name, "c1"))
+    mount(client, name, "c1")
+    export = str(state / "exports" / "alpha" / "-" / name)
+    pid = processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")
+    writer = subprocess.Popen(["sh", "-c", f"while :; do date >> {path}/log; sleep 0.05; done"])
+    try:
+        first.kill()  # crash: the container keeps writing through the mapping
+        time.sleep(0.3)
+        second = _alpha_daemon(cluster, daemon_factory, state)
+        client = second.client("alpha")
+        status = client.get(name)["Volume"]["Status"]
+        assert status["mounts"] == {"c1": 2}
+        assert (
+            processes(HOST, "qemu-storage-daemon", f"mountpoint={export}") == pid
+        )  # adopted, not remapped
+        lines = len((path / "log").read_text().splitlines())
+        time.sleep(0.3)
+        assert len((path / "log").read_text().splitlines()) > lines  # still writing
+    finally:
+        writer.kill()
+        writer.wait()
+    unmount(client, name, "c1")
+    unmount(client, name, "c1")
+    assert not mounts(HOST).get(str(path))
+    assert admin.watchers("alpha", name) == []
+    second.stop()
+
+
+def test_restart_cleans_a_stale_entry(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path
+) -> None:
+    state = short_tmp / unique("st") / "state"
+    first = _alpha_daemon(cluster, daemon_factory, state)
+    name = unique()
+    path = mount(first.client("alpha"), name, "c1")
+    assert first.stop() == 0  # a clean stop leaves mounts in place
+    assert path in mounts(HOST)
+    subprocess.run(["umount", path], check=True)  # someone unmounted it behind our back
+    second = _alpha_daemon(cluster, daemon_factory, state)
+    client = second.client("alpha")
+    assert "mountpoint" not in client.get(name)["Volume"]["Status"]
+    export = str(state / "exports" / "alpha" / "-" / name)
+    assert processes(HOST, "qemu-storage-daemon", f"mountpoint={export}") == []
+    assert admin.watchers("alpha", name) == []
+    mount(client, name, "c2")
+    unmount(client, name, "c2")
+    second.stop()

@@ -1,0 +1,238 @@
+"""krbd and rbd-nbd cannot run on this machine: their command building, their
+device discovery (against fixture /sys and /proc trees) and their error messages
+are tested here with a fake runner at the process boundary. The fuse mapper is
+tested for real in tests/integration/test_mount.py."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from rbdplugin.errors import PermissionDenied, ProcessError, VolumeBusy
+from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable
+from rbdplugin.mapping.fuse import FuseMapper
+from rbdplugin.mapping.krbd import KrbdMapper
+from rbdplugin.mapping.nbd import NbdMapper
+from rbdplugin.mapping.scan import loop_backing_files, mounts, processes
+from rbdplugin.mapping.select import choose
+from rbdplugin.process import Command, Completed
+
+IMAGE = ImageRef("tenant", "", "vol1", "tenant", Path("/etc/ceph/k"), Path("/etc/ceph/ceph.conf"))
+NS_IMAGE = ImageRef("tenant", "team", "vol1", "tenant", Path("/k"), Path("/c"))
+
+
+class FakeRunner:
+    """Records commands; answers from a script of (returncode, stdout, stderr)."""
+
+    def __init__(self, *answers: tuple[int, str, str], on_call: object = None) -> None:
+        self.answers = list(answers)
+        self.calls: list[list[str]] = []
+        self.on_call = on_call
+
+    async def __call__(self, command: Command) -> Completed:
+        self.calls.append(list(command.argv))
+        if callable(self.on_call):
+            self.on_call(command)
+        code, out, err = self.answers.pop(0) if self.answers else (0, "", "")
+        done = Completed(tuple(command.argv), code, out, err)
+        if command.check and code != 0:
+            raise ProcessError(f"{command.argv[0]} failed", returncode=code, output=err + out)
+        return done
+
+
+def write(root: Path, files: dict[str, str | bytes]) -> HostPaths:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return HostPaths(sys=root / "sys", proc=root / "proc", dev=root / "dev")
+
+
+def rbd_device(
+    n: int, pool: str, name: str, ns: str = "", snap: str = "-"
+) -> dict[str, str | bytes]:
+    base = f"sys/bus/rbd/devices/{n}"
+    return {f"{base}/pool": pool + "\n", f"{base}/pool_ns": ns + "\n",
+            f"{base}/name": name + "\n", f"{base}/current_snap": snap + "\n"}  # fmt: skip
+
+
+# -- krbd ------------------------------------------------------------------------------
+
+
+def test_krbd_map_command() -> None:
+    mapper = KrbdMapper(FakeRunner(), HostPaths(), 10)
+    assert mapper.map_command(IMAGE) == [
+        "rbd", "device", "map", "--id", "tenant", "--keyring", "/etc/ceph/k",
+        "--conf", "/etc/ceph/ceph.conf", "--pool", "tenant", "--image", "vol1",
+        "--options", "noudev",
+    ]  # fmt: skip
+    argv = mapper.map_command(NS_IMAGE, read_only=True)
+    assert argv[argv.index("--namespace") + 1] == "team"
+    assert argv[-1] == "--read-only"
+
+
+def test_krbd_finds_its_device_in_sysfs(tmp_path: Path) -> None:
+    host = write(tmp_path, {**rbd_device(0, "other", "vol1"), **rbd_device(3, "tenant", "vol1", snap="s1"),
+                            **rbd_device(7, "tenant", "vol1"), **rbd_device(9, "tenant", "vol1", ns="team")})  # fmt: skip
+    mapper = KrbdMapper(FakeRunner(), host, 10)
+    found = asyncio.run(mapper.find(IMAGE))
+    assert found == MappedDevice("krbd", "tenant/vol1", "/dev/rbd7", {"id": 7})
+    assert asyncio.run(mapper.find(NS_IMAGE)) == MappedDevice(
+        "krbd", "tenant/team/vol1", "/dev/rbd9", {"id": 9}
+    )
+    missing = ImageRef("tenant", "", "nope", "tenant", Path("/k"), Path("/c"))
+    assert asyncio.run(mapper.find(missing)) is None
+
+
+def test_krbd_map_then_discover(tmp_path: Path) -> None:
+    host = write(tmp_path, {"sys/bus/rbd/add": ""})
+
+    def kernel_maps(command: Command) -> None:  # what the kernel does on a successful map
+        write(tmp_path, rbd_device(2, "tenant", "vol1"))
+
+    runner = FakeRunner((0, "/dev/rbd2\n", ""), on_call=kernel_maps)
+    mapped = asyncio.run(KrbdMapper(runner, host, 10).map(IMAGE))
+    assert mapped.device == "/dev/rbd2"
+    runner2 = FakeRunner()
+    asyncio.run(KrbdMapper(runner2, host, 10).unmap(mapped))
+    assert runner2.calls == [["rbd", "device", "unmap", "/dev/rbd2"]]
+
+
+def test_krbd_unmap_of_a_gone_device_is_a_no_op(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    host = write(tmp_path, {"sys/bus/rbd/add": ""})
+    asyncio.run(
+        KrbdMapper(runner, host, 10).unmap(
+            MappedDevice("krbd", "tenant/vol1", "/dev/rbd4", {"id": 4})
+        )
+    )
+    assert runner.calls == []
+
+
+FEATURE_MISMATCH = (
+    "rbd: sysfs write failed\n"
+    "RBD image feature set mismatch. You can disable features unsupported by the kernel with "
+    '"rbd feature disable tenant/vol1 object-map fast-diff deep-flatten".\n'
+    'In some cases useful info is found in syslog - try "dmesg | tail".\n'
+    "rbd: map failed: (6) No such device or address\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "error", "message"),
+    [
+        ("modprobe: FATAL: Module rbd not found in directory /lib/modules/6.1.0\n"
+         "rbd: failed to load rbd kernel module (1)\nrbd: map failed: (2) No such file or directory\n",
+         MapperUnavailable, r"this kernel has no rbd module; set \[daemon\] mapper"),
+        (FEATURE_MISMATCH, MapperUnavailable,
+         r"disable them with `rbd feature disable tenant/vol1 object-map fast-diff deep-flatten`"),
+        ("rbd: map failed: (1) Operation not permitted\n", PermissionDenied, r"blocklisted"),
+        ("rbd: map failed: (16) Device or resource busy\n", VolumeBusy, r"held exclusively elsewhere"),
+        ("rbd: map failed: (22) Invalid argument\n", ProcessError, r"rbd device map tenant/vol1 failed: rbd: map failed: \(22\)"),
+    ],
+)  # fmt: skip
+def test_krbd_map_errors_are_actionable(
+    tmp_path: Path, stderr: str, error: type[Exception], message: str
+) -> None:
+    host = write(tmp_path, {"sys/bus/rbd/add": ""})
+    runner = FakeRunner((2, "", stderr))
+    with pytest.raises(error, match=message) as err:
+        asyncio.run(KrbdMapper(runner, host, 10).map(IMAGE))
+    assert "exit status 2" not in str(err.value)
+
+
+# -- nbd -------------------------------------------------------------------------------
+
+
+def nbd_fixture(tmp_path: Path) -> HostPaths:
+    argv = b"rbd-nbd\0--device\0/dev/nbd1\0map\0tenant/vol1\0--id\0tenant\0"
+    other = b"rbd-nbd\0map\0tenant/other\0"
+    return write(tmp_path, {"sys/block/nbd0/pid": "4242\n", "proc/4242/cmdline": other,
+                            "sys/block/nbd1/pid": "4343\n", "proc/4343/cmdline": argv,
+                            "sys/block/nbd2/size": "0\n", "sys/module/nbd/version": ""})  # fmt: skip
+
+
+def test_nbd_command_and_discovery(tmp_path: Path) -> None:
+    host = nbd_fixture(tmp_path)
+    mapper = NbdMapper(FakeRunner(), host, 10)
+    assert mapper.map_command(NS_IMAGE)[-1] == "tenant/team/vol1"
+    assert mapper.map_command(IMAGE)[:5] == ["rbd", "device", "map", "--device-type", "nbd"]
+    found = asyncio.run(mapper.find(IMAGE))
+    assert found == MappedDevice("nbd", "tenant/vol1", "/dev/nbd1", {"pid": 4343})
+    runner = FakeRunner()
+    asyncio.run(NbdMapper(runner, host, 10).unmap(found))
+    assert runner.calls == [["rbd", "device", "unmap", "--device-type", "nbd", "/dev/nbd1"]]
+
+
+def test_nbd_without_free_devices(tmp_path: Path) -> None:
+    runner = FakeRunner((22, "", "rbd-nbd: failed to find unused device\n"))
+    with pytest.raises(MapperUnavailable, match=r"no free nbd device .* modprobe nbd nbds_max"):
+        asyncio.run(NbdMapper(runner, nbd_fixture(tmp_path), 10).map(IMAGE))
+
+
+# -- fuse command, scanning helpers ------------------------------------------------------
+
+
+def test_fuse_export_command_never_carries_a_key(tmp_path: Path) -> None:
+    mapper = FuseMapper(FakeRunner(), HostPaths(), tmp_path / "exports", 10)
+    export = mapper.export_path(NS_IMAGE)
+    assert export == tmp_path / "exports" / "tenant" / "team" / "vol1"
+    assert mapper.export_path(IMAGE) == tmp_path / "exports" / "tenant" / "-" / "vol1"
+    argv = mapper.export_command(NS_IMAGE, export, read_only=True)
+    blockdev = argv[argv.index("--blockdev") + 1]
+    assert "namespace=team" in blockdev and "user=tenant" in blockdev and "read-only=on" in blockdev
+    assert "key" not in " ".join(argv)
+    assert argv[-1].endswith(f"mountpoint={export},writable=off")
+
+
+def test_mountinfo_loops_and_processes(tmp_path: Path) -> None:
+    mountinfo = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "42 27 0:39 / /srv/exp\\040dir/vol rw,nosuid - fuse /dev/fuse rw,user_id=0\n"
+        "43 27 7:3 / /mnt/v rw,relatime shared:9 - ext4 /dev/loop3 rw\n"
+    )
+    host = write(tmp_path, {
+        "proc/self/mountinfo": mountinfo,
+        "sys/block/loop3/loop/backing_file": "/srv/exp dir/vol\n",
+        "sys/block/loop4/size": "0\n",
+        "proc/77/cmdline": b"/usr/bin/qemu-storage-daemon\0--export\0type=fuse,mountpoint=/srv/exp dir/vol\0",
+        "proc/78/cmdline": b"/bin/sh\0qemu-storage-daemon\0mountpoint=/srv/exp dir/vol\0",
+        "proc/self/status": "x",
+    })  # fmt: skip
+    assert mounts(host)["/srv/exp dir/vol"] == ("/dev/fuse", "fuse", "rw,user_id=0")
+    assert mounts(host)["/mnt/v"][0] == "/dev/loop3"
+    assert loop_backing_files(host) == {"/dev/loop3": "/srv/exp dir/vol"}
+    assert processes(host, "qemu-storage-daemon", "mountpoint=/srv/exp dir/vol") == [77]
+
+
+# -- choosing ------------------------------------------------------------------------------
+
+
+def test_auto_prefers_krbd_then_nbd_then_fuse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    krbd = write(tmp_path / "a", {"sys/bus/rbd/add": "", "dev/fuse": "", "dev/loop-control": ""})
+    assert choose("auto", krbd) == "krbd"
+    fuse_only = write(tmp_path / "b", {"dev/fuse": "", "dev/loop-control": "", "sys/block/x": ""})
+    assert choose("auto", fuse_only) == "fuse"
+    assert "mapper auto: using fuse (not krbd: the kernel has no rbd module" in caplog.text
+
+
+def test_nothing_available_says_why(tmp_path: Path) -> None:
+    empty = write(tmp_path, {"sys/x": "", "dev/x": ""})
+    with pytest.raises(
+        MapperUnavailable,
+        match=r"no mapper works on this host: krbd: .*; nbd: .*; fuse: .*/dev/fuse is missing",
+    ):
+        choose("auto", empty)
+    with pytest.raises(
+        MapperUnavailable,
+        match=r"mapper krbd cannot work on this host: the kernel has no rbd module",
+    ):
+        choose("krbd", empty)
