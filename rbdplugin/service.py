@@ -59,6 +59,7 @@ class VolumeService:
         self.backend = backend
         self.attacher = attacher
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight: dict[tuple[str, str, str], asyncio.Task[Any]] = {}
         self.known = known
         self.host_id = host_id
         self.op_timeout = op_timeout
@@ -181,7 +182,7 @@ class VolumeService:
 
     async def mount(self, name: str, mount_id: object) -> str:
         name, mount_id = validate_name(name), _mount_id(mount_id)
-        return await self._owned(self._mount(name, mount_id))
+        return await self._owned(("mount", name, mount_id), self._mount(name, mount_id))
 
     async def _mount(self, name: str, mount_id: str) -> str:
         async with self._volume(name, "mounting"):
@@ -207,18 +208,31 @@ class VolumeService:
 
     async def unmount(self, name: str, mount_id: object) -> None:
         name, mount_id = validate_name(name), _mount_id(mount_id)
-        await self._owned(self._unmount(name, mount_id))
+        await self._owned(("unmount", name, mount_id), self._unmount(name, mount_id))
 
     async def _unmount(self, name: str, mount_id: str) -> None:
         async with self._volume(name, "unmounting"):
             await self.attacher.unmount(name, mount_id)
 
-    async def _owned(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` as a task of the service: a caller that goes away does not cancel it."""
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(task)
+    async def _owned(self, key: tuple[str, str, str], coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` as a task of the service, or join the identical one in flight.
+
+        A caller that goes away does not cancel the work, and a retry of a request
+        still running (same call, volume and ID) gets its result instead of a second
+        reference.
+        """
+        task = self._in_flight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(coro)
+            self._in_flight[key] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: self._in_flight.pop(key, None))
+        else:
+            coro.close()
+            log.info("volume %s: %s for ID %s joins the one in flight", key[1], key[0], key[2])
+        result: T = await asyncio.shield(task)
+        return result
 
     # -- Get / List / Path -------------------------------------------------------------
 

@@ -319,3 +319,15 @@ def test_restart_cleans_a_stale_entry(
     mount(client, name, "c2")
     unmount(client, name, "c2")
     second.stop()
+
+
+def test_a_retry_of_an_in_flight_mount_joins_it(daemon: DaemonProcess, admin: Admin) -> None:
+    client, name = daemon.client("alpha"), unique()
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    with ThreadPoolExecutor(5) as pool:  # the same ID, all while the first is still mapping
+        paths = set(pool.map(lambda _: mount(client, name, "same"), range(5)))
+    assert len(paths) == 1
+    assert client.get(name)["Volume"]["Status"]["mounts"] == {"same": 1}
+    assert "joins the one in flight" in daemon.log()
+    unmount(client, name, "same")  # one Unmount undoes it, as Docker will send one
+    assert leftovers(daemon, admin, "alpha", name) == []
