@@ -23,6 +23,7 @@ from rbdplugin.backends import VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import InvalidArgument, RbdPluginError, VolumeBusy
 from rbdplugin.filesystem import Filesystems
+from rbdplugin.lease import Leases
 from rbdplugin.mapping import ImageRef, MappedDevice, Mapper
 from rbdplugin.mounts import MountRecord, MountTable
 
@@ -41,6 +42,7 @@ class Attacher:
         filesystems: Filesystems,
         backend: VolumeBackend,
         table: MountTable,
+        leases: Leases,
     ) -> None:
         self.tenant = tenant
         self.conf = conf
@@ -49,6 +51,7 @@ class Attacher:
         self.fs = filesystems
         self.backend = backend
         self.table = table
+        self.leases = leases
 
     def image_ref(self, pool: str, image: str) -> ImageRef:
         t = self.tenant
@@ -86,7 +89,8 @@ class Attacher:
             await self._teardown(leftover)
         record = MountRecord(
             volume=info.name, pool=info.spec.pool, namespace=self.tenant.namespace,
-            image=info.name, mountpoint=str(self.mountpoint(info.name)),
+            image=info.spec.source or info.name, mountpoint=str(self.mountpoint(info.name)),
+            mode="ro" if info.spec.access == "ro" else "rw",
         )  # fmt: skip
         self.table.save(record)
         try:
@@ -100,15 +104,19 @@ class Attacher:
         return record.mountpoint
 
     async def _attach(self, info: VolumeInfo, record: MountRecord, mount_id: str) -> None:
-        image = self.image_ref(info.spec.pool, info.name)
-        record.mapped = await self._map(image)
+        image = self.image_ref(record.pool, record.image)
+        read_only = record.mode == "ro"
+        await self.leases.acquire(record.pool, record.image, "ro" if read_only else "rw", info.name)
+        record.mapped = await self._map(image, read_only)
         record.phase = "mapped"
         self.table.save(record)
-        record.fstype = await self._format_once(info, record.mapped.device)
+        if not read_only:
+            await self.leases.record_mapping(record.pool, record.image)
+        record.fstype = await self._format_once(info, record.mapped.device, read_only)
         record.phase = "mounting"
         self.table.save(record)
-        await self.fs.mount(record.mapped.device, Path(record.mountpoint), record.fstype,
-                            info.spec.mount_options)  # fmt: skip
+        options = info.spec.mount_options + (READ_ONLY_OPTIONS[record.fstype] if read_only else ())
+        await self.fs.mount(record.mapped.device, Path(record.mountpoint), record.fstype, options)
         record.phase = "mounted"
         record.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record.counts = {mount_id: 1}
@@ -116,7 +124,7 @@ class Attacher:
         log.info("volume %s: mounted %s at %s (%s)", info.name, record.mapped.device,
                  record.mountpoint, self.mapper.name)  # fmt: skip
 
-    async def _map(self, image: ImageRef) -> MappedDevice:
+    async def _map(self, image: ImageRef, read_only: bool) -> MappedDevice:
         found = await self.mapper.find(image)
         if found is not None:
             # Not in our table, so not ours to keep: a leftover from a crash, or someone else's.
@@ -128,13 +136,18 @@ class Attacher:
                 )
             log.info("volume %s: removing a leftover mapping %s", image.image, found)
             await self.mapper.unmap(found)
-        return await self.mapper.map(image)
+        return await self.mapper.map(image, read_only)
 
-    async def _format_once(self, info: VolumeInfo, device: str) -> str:
+    async def _format_once(self, info: VolumeInfo, device: str, read_only: bool) -> str:
         wanted = info.spec.fstype
         signature = await self.fs.probe(device)
+        if signature is None and read_only:
+            raise InvalidArgument(
+                f"volume {info.name!r}: its source {info.spec.source!r} holds no filesystem yet; "
+                "mount the source read-write once (it is formatted then), then this companion"
+            )
         if signature is not None:
-            if await self.backend.formatting_interrupted(info.name):
+            if not read_only and await self.backend.formatting_interrupted(info.name):
                 # Our own mkfs died half-way: nothing was ever mounted, so redo it.
                 log.warning("volume %s: finishing an interrupted mkfs", info.name)
                 await self._mkfs(info, device, wanted, force=True)
@@ -201,7 +214,31 @@ class Attacher:
                 await self.mapper.unmap(mapped)
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
+        # Only our own claim is dropped: after a takeover the lease is someone else's.
+        await self.leases.release(record.pool, record.image)
         self.table.drop(record.volume)
+
+    # -- leases --------------------------------------------------------------------------
+
+    async def check_lease(self, record: MountRecord) -> None:
+        """Notice (once) that another host took this mounted volume over."""
+        claim = await self.leases.check(record.pool, record.image)
+        if claim is not None or record.lost:
+            return
+        doc, _ = await self.leases.read(record.pool, record.image)
+        holder = doc.writer.host if doc.writer else "nobody"
+        record.lost = f"{holder} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        self.table.save(record)
+        log.error(
+            "volume %s: LOST: this host's lease is gone (now held by %s); our access to the image "
+            "is fenced and I/O on %s fails. Stop the containers using it here.",
+            record.volume, holder, record.mountpoint,
+        )  # fmt: skip
+
+    async def check_leases_of(self, volume: str) -> None:
+        record = self.table.get(volume)
+        if record is not None and record.phase == "mounted" and not record.lost:
+            await self.check_lease(record)
 
     # -- start-up ------------------------------------------------------------------------
 
@@ -211,6 +248,10 @@ class Attacher:
             if record.phase == "mounted" and self._intact(record) and record.counts:
                 log.info("volume %s: still mounted at %s for %d reference(s); kept",
                          record.volume, record.mountpoint, record.references)  # fmt: skip
+                try:
+                    await self.check_lease(record)
+                except RbdPluginError as exc:
+                    log.error("volume %s: cannot check its lease yet: %s", record.volume, exc)
                 continue
             log.warning("volume %s: cleaning up a %s entry left by a previous run",
                         record.volume, record.phase)  # fmt: skip
@@ -219,6 +260,13 @@ class Attacher:
             except RbdPluginError as exc:
                 log.error("volume %s: could not clean up (%s); will retry on next Mount",
                           record.volume, exc)  # fmt: skip
+
+
+READ_ONLY_OPTIONS = {
+    # Never replay a journal on a shared read-only device: that would write to it.
+    "ext4": ("ro", "noload"),
+    "xfs": ("ro", "norecovery"),
+}
 
 
 async def _shielded(coro: Coroutine[Any, Any, None]) -> None:

@@ -15,6 +15,7 @@ import errno
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import rados
@@ -32,6 +33,7 @@ from rbdplugin.errors import (
     RbdPluginError,
     VolumeBusy,
 )
+from rbdplugin.state import read_json, write_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,6 +48,7 @@ FEATURE_BITS: dict[str, int] = {
 }
 
 THREADS_PER_TENANT = 8
+PREDECESSOR_FENCE_SECONDS = 3600
 
 
 def feature_bits(features: tuple[str, ...]) -> int:
@@ -62,14 +65,25 @@ def feature_names(bits: int) -> tuple[str, ...]:
 class CephClient:
     """The tenant's Rados handle, its per-pool I/O contexts and its thread pool."""
 
-    def __init__(self, ceph: CephConfig, tenant: TenantConfig, deadline: float) -> None:
+    def __init__(
+        self,
+        ceph: CephConfig,
+        tenant: TenantConfig,
+        deadline: float,
+        address_file: Path | None = None,
+    ) -> None:
         self.ceph = ceph
+        # Where this daemon notes its client address, to fence its own dead predecessor.
+        self.address_file = address_file
         self.tenant = tenant
         self.deadline = deadline
         self._executor = ThreadPoolExecutor(THREADS_PER_TENANT, f"ceph-{tenant.name}")
         self._cluster: rados.Rados | None = None
         self._ioctxs: dict[str, rados.Ioctx] = {}
         self._connecting = asyncio.Lock()
+        # Run in the pool thread just before the handle is shut down: librbd images
+        # still open at rados_shutdown crash the process.
+        self.before_shutdown: list[Callable[[], None]] = []
 
     @property
     def connected(self) -> bool:
@@ -92,6 +106,7 @@ class CephClient:
                         f"{self.tenant.keyring}: {exc}"
                     ) from exc
                 log.info("tenant %s: connected to Ceph as %s", self.tenant.name, self.who)
+                await self._fence_predecessor()
 
     def _connect(self) -> rados.Rados:
         timeout = str(self.ceph.client_timeout)
@@ -112,11 +127,75 @@ class CephClient:
             raise
         return cluster
 
+    async def _fence_predecessor(self) -> None:
+        """Blocklist the address our previous connection used (a crashed daemon's, or one
+        we dropped): its watches would otherwise linger for osd_client_watch_timeout and
+        make volumes look in use."""
+        if self.address_file is None or self._cluster is None:
+            return
+        cluster = self._cluster
+        own: str = await self._in_thread(cluster.get_addrs, "reading our client address")
+        previous = read_json(self.address_file, {}).get("address")
+        if previous and previous != own:
+            try:
+                await self._in_thread(
+                    lambda: cluster.blocklist_add(previous, PREDECESSOR_FENCE_SECONDS),
+                    f"fencing our previous client address {previous}",
+                )
+                log.info(
+                    "tenant %s: fenced our previous client address %s", self.tenant.name, previous
+                )
+            except RbdPluginError as exc:
+                log.warning("tenant %s: could not fence %s: %s", self.tenant.name, previous, exc)
+        write_json(self.address_file, {"address": own})
+
     async def run(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
         """Run ``fn(ioctx)`` for ``pool`` (in the tenant's namespace) in the thread pool."""
         await self.connect()
         try:
             return await self._in_thread(lambda: fn(self._ioctx(pool)), action, pool)
+        except CephUnavailable:
+            self._disconnect_after_failure()
+            raise
+
+    async def run_private(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
+        """Like :meth:`run` with an I/O context of its own: for version-guarded updates,
+        whose ``get_last_version()`` must not see another thread's operation."""
+        await self.connect()
+
+        def call() -> T:
+            if self._cluster is None:
+                raise CephUnavailable("the Ceph connection was closed")
+            ioctx = self._cluster.open_ioctx(pool)
+            try:
+                ioctx.set_namespace(self.tenant.namespace)
+                return fn(ioctx)
+            finally:
+                ioctx.close()
+
+        try:
+            return await self._in_thread(call, action, pool)
+        except CephUnavailable:
+            self._disconnect_after_failure()
+            raise
+
+    async def address(self) -> tuple[str, int]:
+        """This connection's client address and global id, as watchers show them."""
+        return await self.run_cluster(
+            "reading our client address", lambda c: (c.get_addrs(), c.get_instance_id())
+        )
+
+    async def run_cluster(self, action: str, fn: Callable[[rados.Rados], T]) -> T:
+        """Run ``fn(cluster)`` for cluster-wide calls (blocklisting, our own identity)."""
+        await self.connect()
+
+        def call() -> T:
+            if self._cluster is None:
+                raise CephUnavailable("the Ceph connection was closed")
+            return fn(self._cluster)
+
+        try:
+            return await self._in_thread(call, action)
         except CephUnavailable:
             self._disconnect_after_failure()
             raise
@@ -146,23 +225,34 @@ class CephClient:
 
     def _disconnect_after_failure(self) -> None:
         # A blocklisted or timed-out handle stays broken: drop it and reconnect next time.
-        cluster, self._cluster, self._ioctxs = self._cluster, None, {}
+        cluster, ioctxs = self._cluster, list(self._ioctxs.values())
+        self._cluster, self._ioctxs = None, {}
         if cluster is not None:
-            self._executor.submit(cluster.shutdown)
+            log.warning("tenant %s: dropping the Ceph connection; reconnecting on next use",
+                        self.tenant.name)  # fmt: skip
+            self._executor.submit(self._shutdown, cluster, ioctxs)
+
+    def _shutdown(self, cluster: rados.Rados, ioctxs: list[rados.Ioctx]) -> None:
+        for hook in self.before_shutdown:
+            try:
+                hook()
+            except Exception:
+                log.exception("tenant %s: clean-up before disconnecting failed", self.tenant.name)
+        for ioctx in ioctxs:
+            ioctx.close()
+        cluster.shutdown()
 
     async def close(self) -> None:
         cluster, self._cluster = self._cluster, None
         ioctxs, self._ioctxs = self._ioctxs, {}
 
-        def shutdown() -> None:
-            for ioctx in ioctxs.values():
-                ioctx.close()
-            if cluster is not None:
-                cluster.shutdown()
-
         loop = asyncio.get_running_loop()
+        if cluster is None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return
+        job = loop.run_in_executor(self._executor, self._shutdown, cluster, list(ioctxs.values()))
         try:
-            await asyncio.wait_for(loop.run_in_executor(self._executor, shutdown), self.deadline)
+            await asyncio.wait_for(job, self.deadline)
         except TimeoutError:
             log.warning("tenant %s: Ceph connection did not close in time", self.tenant.name)
         self._executor.shutdown(wait=False, cancel_futures=True)

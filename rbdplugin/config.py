@@ -25,6 +25,8 @@ from rbdplugin.units import GiB, parse_duration, parse_size
 
 MapperName = Literal["auto", "krbd", "nbd", "fuse"]
 RemovePolicy = Literal["delete", "trash", "keep"]
+Takeover = Literal["auto", "manual"]
+TAKEOVERS: tuple[Takeover, ...] = ("auto", "manual")
 
 MAPPERS: tuple[MapperName, ...] = ("auto", "krbd", "nbd", "fuse")
 REMOVE_POLICIES: tuple[RemovePolicy, ...] = ("delete", "trash", "keep")
@@ -48,6 +50,10 @@ class DaemonConfig:
     metrics: str = DEFAULT_METRICS
     op_timeout: int = 25
     log_level: str = "info"
+    # How long a fenced (blocklisted) client stays fenced.
+    fence_seconds: int = 7 * 86400
+    # How often each held lease is checked (a host that lost one logs it and shows it).
+    lease_check_seconds: int = 5
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,7 @@ class TenantConfig:
     remove_policy: RemovePolicy = "trash"
     trash_delay: int = 0
     auto_create: bool = True
+    takeover: Takeover = "auto"
 
     @property
     def pools(self) -> tuple[str, ...]:
@@ -147,6 +154,8 @@ _SECTION_TYPES: dict[str, dict[str, type]] = {
         "metrics": str,
         "op_timeout": int,
         "log_level": str,
+        "fence_seconds": int,
+        "lease_check_seconds": int,
     },
     "ceph": {"conf": str, "client_timeout": int},
 }
@@ -166,6 +175,7 @@ _TENANT_TYPES: dict[str, type | tuple[type, ...]] = {
     "remove_policy": str,
     "trash_delay": (str, int),
     "auto_create": bool,
+    "takeover": str,
 }
 
 
@@ -231,7 +241,21 @@ def _daemon(table: Mapping[str, Any]) -> DaemonConfig:
         metrics=metrics,
         op_timeout=timeout,
         log_level=_log_level(t.get("log_level", defaults.log_level)),
+        fence_seconds=_at_least(
+            t.get("fence_seconds", defaults.fence_seconds), 60, "daemon.fence_seconds"
+        ),
+        lease_check_seconds=_at_least(
+            t.get("lease_check_seconds", defaults.lease_check_seconds),
+            1,
+            "daemon.lease_check_seconds",
+        ),
     )
+
+
+def _at_least(value: int, minimum: int, key: str) -> int:
+    if value < minimum:
+        raise ConfigError(f"{key} {value} must be at least {minimum}")
+    return value
 
 
 def _log_level(level: str) -> str:
@@ -290,6 +314,7 @@ def _tenant(name: str, table: Mapping[str, Any]) -> TenantConfig:
             remove_policy=_remove_policy(t.get("remove_policy", "trash"), where),
             trash_delay=parse_duration(t.get("trash_delay", 0), f"{where}.trash_delay"),
             auto_create=t.get("auto_create", True),
+            takeover=_takeover(t.get("takeover", "auto"), where),
         )
     except InvalidArgument as exc:
         raise ConfigError(str(exc)) from exc
@@ -334,6 +359,12 @@ def _remove_policy(policy: str, where: str) -> RemovePolicy:
             f"{where}.remove_policy {policy!r} is not one of {', '.join(REMOVE_POLICIES)}"
         )
     return policy
+
+
+def _takeover(value: str, where: str) -> Takeover:
+    if value not in TAKEOVERS:
+        raise ConfigError(f"{where}.takeover {value!r} is not one of {', '.join(TAKEOVERS)}")
+    return value
 
 
 def _non_negative(value: int, key: str) -> int:

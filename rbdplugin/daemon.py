@@ -29,6 +29,7 @@ from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
 from rbdplugin.errors import ConfigError, RbdPluginError
 from rbdplugin.filesystem import Filesystems
+from rbdplugin.lease import Leases
 from rbdplugin.mapping import HostPaths, Mapper
 from rbdplugin.mapping.select import build_mapper
 from rbdplugin.mounts import MountTable
@@ -43,9 +44,8 @@ SUN_PATH_MAX = 107
 DRAIN_SECONDS = 30.0
 
 
-def build_backend(config: Config, tenant: TenantConfig) -> VolumeBackend:
+def build_backend(client: CephClient, tenant: TenantConfig) -> VolumeBackend:
     """The one place a tenant's back-end is chosen (RBD now; Cinder joins here)."""
-    client = CephClient(config.ceph, tenant, deadline=config.daemon.op_timeout)
     return RbdBackend(client, tenant)
 
 
@@ -117,44 +117,59 @@ class Daemon:
         )
 
     async def _start_driver(self, tenant: TenantConfig, mapper: Mapper) -> Driver:
-        daemon = self.config.daemon
-        known = KnownVolumes(daemon.state_dir / tenant.name / "known-volumes.json")
-        backend = build_backend(self.config, tenant)
-        attacher = Attacher(
-            tenant=tenant, conf=self.config.ceph.conf, mount_root=daemon.mount_root, mapper=mapper,
-            filesystems=Filesystems(run, self.host, daemon.op_timeout), backend=backend,
-            table=MountTable(daemon.state_dir / tenant.name / "mounts.json"),
-        )  # fmt: skip
-        service = VolumeService(
-            tenant=tenant, backend=backend, attacher=attacher, known=known,
-            host_id=daemon.host_id, op_timeout=daemon.op_timeout,
-        )  # fmt: skip
-        await service.start()
+        # Bind first: a second daemon on the same sockets must fail before it touches
+        # Ceph, mounts or the state (it would otherwise fence the live one's address).
+        path = self.config.daemon.socket_dir / f"{tenant.driver}.sock"
+        sock = bind_unix(path)
+        try:
+            service = await self._build_service(tenant, mapper)
+        except BaseException:
+            sock.close()
+            path.unlink(missing_ok=True)
+            raise
         runner = web.AppRunner(
             build_app(tenant.driver, service),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=DRAIN_SECONDS,
         )
-        await runner.setup()
-        path = daemon.socket_dir / f"{tenant.driver}.sock"
         try:
-            site = web.SockSite(runner, bind_unix(path), backlog=SOCKET_BACKLOG)
-            await site.start()
+            await runner.setup()
+            await web.SockSite(runner, sock, backlog=SOCKET_BACKLOG).start()
         except BaseException:
             await runner.cleanup()
             await service.close()
+            path.unlink(missing_ok=True)
             raise
         return Driver(tenant, service, runner, path)
 
+    async def _build_service(self, tenant: TenantConfig, mapper: Mapper) -> VolumeService:
+        daemon = self.config.daemon
+        state = daemon.state_dir / tenant.name
+        client = CephClient(
+            self.config.ceph, tenant, deadline=daemon.op_timeout,
+            address_file=state / "client-address.json",
+        )  # fmt: skip
+        backend = build_backend(client, tenant)
+        leases = Leases(client, daemon.host_id, tenant.takeover, daemon.fence_seconds)
+        attacher = Attacher(
+            tenant=tenant, conf=self.config.ceph.conf, mount_root=daemon.mount_root, mapper=mapper,
+            filesystems=Filesystems(run, self.host, daemon.op_timeout), backend=backend,
+            table=MountTable(state / "mounts.json"), leases=leases,
+        )  # fmt: skip
+        service = VolumeService(
+            tenant=tenant, backend=backend, attacher=attacher,
+            known=KnownVolumes(state / "known-volumes.json"), host_id=daemon.host_id,
+            op_timeout=daemon.op_timeout, lease_check_seconds=daemon.lease_check_seconds,
+        )  # fmt: skip
+        await service.start()
+        return service
+
     async def _connect(self, driver: Driver) -> None:
-        backend = driver.service.backend
-        client = getattr(backend, "client", None)
-        if isinstance(client, CephClient):
-            try:
-                await client.connect()
-            except RbdPluginError as exc:
-                log.error("tenant %s: %s (will retry on the next request)", driver.tenant.name, exc)
+        try:
+            await driver.service.attacher.leases.client.connect()
+        except RbdPluginError as exc:
+            log.error("tenant %s: %s (will retry on the next request)", driver.tenant.name, exc)
 
     async def stop(self) -> None:
         drivers, self.drivers = self.drivers, []

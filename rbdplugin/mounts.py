@@ -30,6 +30,9 @@ class MountRecord:
     mapped: MappedDevice | None = None
     fstype: str = ""
     since: str = ""
+    mode: str = "rw"
+    # Set when another host took this volume over: "HOST at TIME" (our I/O is fenced).
+    lost: str = ""
     # Docker mount ID -> how many times it is mounted (docker cp and copy-up reuse an ID).
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -42,7 +45,8 @@ class MountRecord:
             "volume": self.volume, "pool": self.pool, "namespace": self.namespace,
             "image": self.image, "mountpoint": self.mountpoint, "phase": self.phase,
             "mapped": self.mapped.to_json() if self.mapped else None, "fstype": self.fstype,
-            "since": self.since, "counts": dict(self.counts),
+            "since": self.since, "counts": dict(self.counts), "mode": self.mode,
+            "lost": self.lost,
         }  # fmt: skip
 
     @classmethod
@@ -54,6 +58,7 @@ class MountRecord:
             mapped=MappedDevice.from_json(mapped) if mapped else None,
             fstype=data.get("fstype", ""), since=data.get("since", ""),
             counts={str(k): int(v) for k, v in data.get("counts", {}).items()},
+            mode=data.get("mode", "rw"), lost=data.get("lost", ""),
         )  # fmt: skip
 
 

@@ -217,6 +217,9 @@ def _reap(pid: int) -> None:
 async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
     """:func:`stop_pid` without blocking the event loop."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        if sig == signal.SIGKILL:
+            log.warning("pid %s (%s) ignored SIGTERM for %.0f s; killing it", pid,
+                        " ".join(pid_cmdline(pid))[:200], timeout)  # fmt: skip
         try:
             os.kill(pid, sig)
         except ProcessLookupError:

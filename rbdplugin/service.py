@@ -8,6 +8,7 @@ across volumes), and asks its :class:`~rbdplugin.backends.VolumeBackend`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from rbdplugin.errors import (
     InvalidArgument,
     NotFound,
     QuotaExceeded,
+    RbdPluginError,
     VolumeBusy,
 )
 from rbdplugin.spec import CreateRequest, Defaults, incompatibilities, parse_create, validate_name
@@ -54,12 +56,15 @@ class VolumeService:
         known: KnownVolumes,
         host_id: str,
         op_timeout: float,
+        lease_check_seconds: float = 5.0,
     ) -> None:
         self.tenant = tenant
         self.backend = backend
         self.attacher = attacher
         self._tasks: set[asyncio.Task[Any]] = set()
         self._in_flight: dict[tuple[str, str, str], asyncio.Task[Any]] = {}
+        self.lease_check_seconds = lease_check_seconds
+        self._checker: asyncio.Task[None] | None = None
         self.known = known
         self.host_id = host_id
         self.op_timeout = op_timeout
@@ -252,12 +257,28 @@ class VolumeService:
             return VolumeView(name, self.path(name), status)
         status = self._status(info)
         self.known.remember(name, status)
+        holders = await self._holders(info)
+        if holders:
+            status["held_by"] = holders
         return VolumeView(name, self.path(name), {**status, **self._mount_status(name)})
+
+    async def _holders(self, info: VolumeInfo) -> list[dict[str, Any]]:
+        image = info.spec.source or info.name
+        try:
+            holders = await self.attacher.leases.holders(info.spec.pool, image)
+        except RbdPluginError as exc:
+            log.warning("volume %s: cannot read its lease: %s", info.name, exc)
+            return []
+        return [{"host": h.host, "access": h.mode, "since": h.since, "alive": h.alive}
+                for h in holders]  # fmt: skip
 
     def _mount_status(self, name: str) -> dict[str, Any]:
         record = self.attacher.mounted(name)
         if record is None or record.mapped is None:
             return {}
+        if record.lost:
+            return {"mountpoint": record.mountpoint, "lost_to": record.lost,
+                    "mounts": dict(record.counts)}  # fmt: skip
         status: dict[str, Any] = {
             "device": record.mapped.device,
             "mapper": record.mapped.mapper,
@@ -265,6 +286,7 @@ class VolumeService:
             "mounted_on": self.host_id,
             "mounted_since": record.since,
             "mounts": dict(record.counts),
+            "access": record.mode,
         }
         try:
             usage = self.attacher.fs.usage(Path(record.mountpoint))
@@ -324,14 +346,49 @@ class VolumeService:
                     f"({record.references} mount(s) by containers); "
                     "stop the containers using it first"
                 )
+            await self._refuse_if_held(name)
             outcome = await self.backend.remove(name)
             self.known.forget(name)
         log.info("volume %s: removed (%s, policy %s)", name, outcome, self.tenant.remove_policy)
 
     async def start(self) -> None:
+        # Connect first: that fences our dead predecessor, whose lingering watches would
+        # otherwise stall every librbd notification (lock hand-over, close) of the clean-up.
+        try:
+            await self.attacher.leases.client.connect()
+        except RbdPluginError as exc:
+            log.error("driver %s: %s; reconciling without Ceph", self.tenant.driver, exc)
         await self.attacher.reconcile()
+        self._checker = asyncio.create_task(self._check_leases())
+
+    async def _check_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_check_seconds)
+            for record in self.attacher.table.all():
+                if record.phase == "mounted" and not record.lost:
+                    # Under the volume's lock: a concurrent Unmount must not race the check.
+                    try:
+                        async with self._volume(record.volume, "checking the lease of"):
+                            await self.attacher.check_leases_of(record.volume)
+                    except RbdPluginError as exc:
+                        log.warning("volume %s: lease check failed: %s", record.volume, exc)
+
+    async def _refuse_if_held(self, name: str) -> None:
+        info = await self._inspect_or_none(name)
+        if info is None or info.spec.source:
+            return
+        live = [h for h in await self.attacher.leases.holders(info.spec.pool, name) if h.alive]
+        if live:
+            where = "; ".join(f"{h.mode} on host {h.host} since {h.since}" for h in live)
+            raise VolumeBusy(
+                f"volume {name!r} is mounted ({where}); stop the containers using it there first"
+            )
 
     async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
         if self._tasks:  # let in-flight mounts and unmounts finish or roll back
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.backend.close()

@@ -43,7 +43,10 @@ OPTIONS: dict[str, str] = {
     "features": "comma-separated RBD features",
     "mkfs-options": "extra mkfs arguments",
     "mount-options": "comma-separated mount options",
+    "source": "an existing volume this one is a read-only companion of",
+    "access": "rw, or ro with source=",
 }
+ACCESS = ("rw", "ro")
 
 # Mount options a volume may ask for. Anything that weakens the host (suid, dev),
 # changes access (ro/rw: issue of leases) or can panic the host is not offered.
@@ -71,6 +74,9 @@ class VolumeSpec:
     features: tuple[str, ...]
     mkfs_options: tuple[str, ...] = ()
     mount_options: tuple[str, ...] = ()
+    # A read-only companion: mounts volume ``source`` read-only, on any number of hosts.
+    source: str = ""
+    access: str = "rw"
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,7 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
         features=_features(name, options, defaults.features),
         mkfs_options=parse_mkfs_options(name, options.get("mkfs-options", "")),
         mount_options=parse_mount_options(name, options.get("mount-options", "")),
+        **_companion(name, options),
     )
     return CreateRequest(name=name, spec=spec, explicit=frozenset(options))
 
@@ -155,6 +162,27 @@ def _options(name: str, opts: object) -> dict[str, str]:
             raise InvalidArgument(f"volume {shown(name)}: option {key} must be a string")
         options[key] = value
     return options
+
+
+def _companion(name: str, options: Mapping[str, str]) -> dict[str, str]:
+    access = options.get("access", "ro" if "source" in options else "rw")
+    if access not in ACCESS:
+        raise InvalidArgument(f"volume {shown(name)}: access {shown(access)} is not one of rw, ro")
+    source = options.get("source", "")
+    if access == "ro" and not source:
+        raise InvalidArgument(
+            f"volume {shown(name)}: access=ro needs source=VOLUME: a read-only volume is a "
+            "companion of an existing volume, mounted read-only on any number of hosts"
+        )
+    if source and access != "ro":
+        raise InvalidArgument(
+            f"volume {shown(name)}: a volume with source= is read-only: use access=ro"
+        )
+    if source:
+        validate_name(source)
+        if source == name:
+            raise InvalidArgument(f"volume {shown(name)} cannot be its own source")
+    return {"source": source, "access": access}
 
 
 def _fstype(name: str, fstype: str) -> str:
@@ -260,6 +288,8 @@ def incompatibilities(request: CreateRequest, existing: VolumeSpec) -> list[str]
         "features": (wanted.features, found.features, ",".join),
         "mkfs-options": (wanted.mkfs_options, found.mkfs_options, " ".join),
         "mount-options": (wanted.mount_options, found.mount_options, ",".join),
+        "source": (wanted.source, found.source, str),
+        "access": (wanted.access, found.access, str),
     }
     problems = []
     for key, (want, have, show) in checks.items():

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,16 @@ class PluginClient:
         reply = self.call("VolumeDriver.List", {})
         assert reply["Err"] == "", reply
         return [v["Name"] for v in reply["Volumes"]]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``check`` until it holds; return the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.2)
+    return time.monotonic() - started
 
 
 def unique(prefix: str = "v") -> str:

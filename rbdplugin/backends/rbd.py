@@ -9,8 +9,10 @@ the image's own metadata, so every host sees the same thing (Scope "global").
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import rados
@@ -28,6 +30,9 @@ META = "rbdplugin."
 # Removed-but-kept images are renamed with a character Docker names cannot hold,
 # so List no longer shows them and the name is free again.
 KEPT_MARK = "~removed-"
+# Read-only companion volumes (source= access=ro) are omap entries of this object in
+# the tenant's own pool and namespace (pool metadata would be shared across namespaces).
+COMPANIONS = "rbdplugin.companions"
 
 
 class RbdBackend:
@@ -42,6 +47,8 @@ class RbdBackend:
     # -- create ------------------------------------------------------------------------
 
     async def create(self, request: CreateRequest, host_id: str) -> VolumeInfo:
+        if request.spec.source:
+            return await self._create_companion(request, host_id)
         name, spec = request.name, request.spec
         for pool in self.tenant.pools:
             if pool != spec.pool and await self._exists(pool, name):
@@ -73,6 +80,39 @@ class RbdBackend:
         await self.client.run(spec.pool, f"creating volume {name!r}", create)
         return await self.inspect(name)
 
+    async def _create_companion(self, request: CreateRequest, host_id: str) -> VolumeInfo:
+        name, source = request.name, request.spec.source
+        try:
+            origin = await self.inspect(source)
+        except NotFound as exc:
+            raise NotFound(f"volume {name!r}: its source volume {source!r} does not exist") from exc
+        if origin.spec.source:
+            raise Conflict(f"volume {name!r}: source {source!r} is itself a read-only companion")
+        if await self._pool_or_none(name) is not None:
+            raise Conflict(f"volume {name!r} already exists as an image; pick another name")
+        entry = {"source": source, "access": "ro", "created_by": host_id,
+                 "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+
+        def add(ioctx: rados.Ioctx) -> None:
+            with rados.WriteOpCtx() as op:
+                ioctx.set_omap(op, (name,), (json.dumps(entry).encode(),))
+                ioctx.operate_write_op(op, COMPANIONS)
+
+        await self.client.run(self.tenant.pool, f"creating companion volume {name!r}", add)
+        return await self.inspect(name)
+
+    async def _companions(self) -> dict[str, dict[str, str]]:
+        def read(ioctx: rados.Ioctx) -> dict[str, dict[str, str]]:
+            try:
+                with rados.ReadOpCtx() as op:
+                    entries, _ = ioctx.get_omap_vals(op, "", "", 100_000)
+                    ioctx.operate_read_op(op, COMPANIONS)
+                    return {key: json.loads(value) for key, value in entries}
+            except rados.ObjectNotFound:
+                return {}
+
+        return await self.client.run(self.tenant.pool, "listing companion volumes", read)
+
     async def adopt(self, request: CreateRequest) -> None:
         """Record a Create's fstype and options on an image made outside the plugin."""
 
@@ -101,14 +141,32 @@ class RbdBackend:
 
         return await self.client.run(pool, f"looking up volume {name!r}", probe)
 
-    async def _pool_of(self, name: str) -> str:
+    async def _pool_or_none(self, name: str) -> str | None:
         for pool in self.tenant.pools:
             if await self._exists(pool, name):
                 return pool
-        raise NotFound(f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}")
+        return None
+
+    async def _pool_of(self, name: str) -> str:
+        pool = await self._pool_or_none(name)
+        if pool is None:
+            raise NotFound(f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}")
+        return pool
 
     async def inspect(self, name: str) -> VolumeInfo:
-        pool = await self._pool_of(name)
+        pool = await self._pool_or_none(name)
+        if pool is None:
+            companion = (await self._companions()).get(name)
+            if companion is None:
+                raise NotFound(
+                    f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}"
+                )
+            origin = await self.inspect(companion["source"])
+            return replace(
+                origin, name=name, created_at=companion["created_at"],
+                created_by=companion["created_by"], fresh=False,
+                spec=replace(origin.spec, source=companion["source"], access="ro"),
+            )  # fmt: skip
 
         def read(ioctx: rados.Ioctx) -> VolumeInfo:
             with rbd.Image(ioctx, name, read_only=True) as image:
@@ -147,6 +205,8 @@ class RbdBackend:
             for name in await self.client.run(pool, "listing volumes", listing):
                 if _is_volume_name(name):
                     found.setdefault(name, None)
+        for name in await self._companions():
+            found.setdefault(name, None)
         return list(found)
 
     async def usage(self) -> Usage:
@@ -195,6 +255,15 @@ class RbdBackend:
             info = await self.inspect(name)
         except NotFound:
             return "absent"
+        companions = await self._companions()
+        if name in companions:
+            return await self._remove_companion(name)
+        dependents = sorted(c for c, entry in companions.items() if entry["source"] == name)
+        if dependents:
+            raise VolumeBusy(
+                f"volume {name!r} has read-only companion volume(s) {', '.join(dependents)}; "
+                "remove them first"
+            )
         if info.watchers:
             raise VolumeBusy(
                 f"volume {name!r} is in use: image {info.location} is open by "
@@ -215,6 +284,15 @@ class RbdBackend:
             return "kept"
 
         return await self.client.run(pool, f"removing volume {name!r} ({policy})", remove)
+
+    async def _remove_companion(self, name: str) -> RemoveOutcome:
+        def drop(ioctx: rados.Ioctx) -> None:
+            with rados.WriteOpCtx() as op:
+                ioctx.remove_omap_keys(op, (name,))
+                ioctx.operate_write_op(op, COMPANIONS)
+
+        await self.client.run(self.tenant.pool, f"removing companion volume {name!r}", drop)
+        return "deleted"
 
     async def close(self) -> None:
         await self.client.close()

@@ -23,7 +23,7 @@ from rbdplugin.devcluster import DevCluster
 from rbdplugin.mapping import HostPaths
 from rbdplugin.mapping.scan import mounts, processes
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique
+from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
 from tests.integration.test_mount import leftovers, mount, unmount
 
 HOST = HostPaths()
@@ -168,8 +168,9 @@ def test_kill_9_at_each_stage_then_restart(
     pending.join(timeout=30)
 
     second = start(cluster, daemon_factory, state, faults)
-    # A Mount that never answered Docker must not stay half-done: reconcile took it down.
-    assert leftovers(second, admin, "alpha", name) == []
+    # A Mount that never answered Docker must not stay half-done: reconcile took it down,
+    # and fenced the killed daemon's address (so its watch goes now, not at the timeout).
+    wait_until(lambda: leftovers(second, admin, "alpha", name) == [], 5, "clean-up")
     client = second.client("alpha")
     path = Path(mount(client, name, "c2"))
     assert mounts(HOST)[str(path)][1] == "ext4"

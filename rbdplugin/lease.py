@@ -1,0 +1,382 @@
+"""One writer per image across hosts: leases, liveness, fencing and takeover.
+
+The lease of an image is a small RADOS object, ``rbdplugin.lease.<image>``, in the
+image's pool and namespace, holding JSON: at most one read-write *writer* claim
+and any number of read-only *reader* claims, each naming a host, since when, and
+every Ceph client address that host uses for the image. It is only ever changed
+by a version-guarded write (compare-and-swap), so two hosts racing for it cannot
+both win.
+
+Liveness comes from Ceph, not from timers of ours: a host that mounts a volume
+keeps the image open read-write in its daemon (the *presence* handle, which
+never writes), so the image header carries a watch for it; its mapping (krbd,
+rbd-nbd, or the FUSE export) adds one more. A claim is alive while any of its
+addresses still watches the header. A daemon that crashed while its mapping
+lives is therefore still alive (the container still writes), and a host that is
+dead, frozen or cut off loses its watches after ``osd_client_watch_timeout``.
+
+Taking over a dead writer's claim fences it first: every address in the claim is
+blocklisted (the tenant's own cephx user may do that with ``profile rbd``), so a
+frozen host that wakes up cannot write a single byte; then the claim is replaced.
+A host learns it lost a volume when its periodic :meth:`Leases.check` finds the
+claim gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import rados
+import rbd
+
+from rbdplugin.ceph import CephClient
+from rbdplugin.errors import CephUnavailable, Conflict
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["rw", "ro"]
+Takeover = Literal["auto", "manual"]
+PREFIX = "rbdplugin.lease."
+MAX_LEASE_BYTES = 64 * 1024
+CAS_ATTEMPTS = 8
+
+
+class LeaseConflict(Conflict):
+    reason = "lock_conflict"
+
+
+@dataclass
+class Claim:
+    host: str
+    mode: Mode
+    since: str
+    addrs: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "mode": self.mode, "since": self.since, "addrs": self.addrs}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Claim:
+        return cls(data["host"], data["mode"], data["since"], list(data.get("addrs", [])))
+
+
+@dataclass
+class LeaseDoc:
+    writer: Claim | None = None
+    readers: dict[str, Claim] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return self.writer is None and not self.readers
+
+    def claim_of(self, host: str) -> Claim | None:
+        if self.writer is not None and self.writer.host == host:
+            return self.writer
+        return self.readers.get(host)
+
+    def encode(self) -> bytes:
+        data = {
+            "writer": self.writer.to_json() if self.writer else None,
+            "readers": {h: c.to_json() for h, c in self.readers.items()},
+        }
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> LeaseDoc:
+        data = json.loads(raw)
+        writer = data.get("writer")
+        return cls(
+            writer=Claim.from_json(writer) if writer else None,
+            readers={h: Claim.from_json(c) for h, c in data.get("readers", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A claim as operators see it (``rbdplugin locks ls``, Get's Status)."""
+
+    image: str
+    host: str
+    mode: Mode
+    since: str
+    addrs: tuple[str, ...]
+    alive: bool
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def describe(claim: Claim) -> str:
+    return f"host {claim.host} (since {claim.since}, from {', '.join(claim.addrs) or 'no address'})"
+
+
+class Leases:
+    """The leases of one tenant, taken with the tenant's own Ceph identity."""
+
+    def __init__(
+        self, client: CephClient, host_id: str, takeover: Takeover, fence_seconds: int
+    ) -> None:
+        self.client = client
+        self.host_id = host_id
+        self.takeover = takeover
+        self.fence_seconds = fence_seconds
+        self._presence: dict[tuple[str, str], rbd.Image] = {}
+        self._presence_lock = threading.Lock()
+        client.before_shutdown.append(self._close_all_presence)
+
+    # -- the lease object ----------------------------------------------------------------
+
+    async def read(self, pool: str, image: str) -> tuple[LeaseDoc, int | None]:
+        def read(ioctx: rados.Ioctx) -> tuple[LeaseDoc, int | None]:
+            try:
+                raw = ioctx.read(PREFIX + image, MAX_LEASE_BYTES)
+            except rados.ObjectNotFound:
+                return LeaseDoc(), None
+            version: int = ioctx.get_last_version()
+            return (LeaseDoc.decode(raw) if raw else LeaseDoc()), version
+
+        return await self.client.run_private(pool, f"reading the lease of {image!r}", read)
+
+    async def _write(self, pool: str, image: str, doc: LeaseDoc, version: int | None) -> bool:
+        """Replace the lease if nobody changed it since ``version``; False if someone did."""
+
+        def write(ioctx: rados.Ioctx) -> bool:
+            with rados.WriteOpCtx() as op:
+                if version is None:
+                    op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
+                else:
+                    op.assert_version(version)
+                if doc.empty and version is not None:
+                    op.remove()
+                else:
+                    op.write_full(doc.encode())
+                try:
+                    ioctx.operate_write_op(op, PREFIX + image)
+                except (rados.ObjectExists, rados.ObjectNotFound):
+                    return False
+                except rados.Error as exc:
+                    if getattr(exc, "errno", None) in (34, 75):  # ERANGE/EOVERFLOW: version moved
+                        return False
+                    raise
+            return True
+
+        return await self.client.run_private(pool, f"updating the lease of {image!r}", write)
+
+    async def _update(self, pool: str, image: str, change: Any) -> LeaseDoc:
+        """Read, ``await change(doc)`` into a new doc, write it guarded; retry on a race."""
+        for _ in range(CAS_ATTEMPTS):
+            doc, version = await self.read(pool, image)
+            new = await change(doc)
+            if new is None or await self._write(pool, image, new, version):
+                return new or doc
+        raise LeaseConflict(
+            f"the lease of image {image!r} changed {CAS_ATTEMPTS} times while we updated it; retry"
+        )
+
+    # -- liveness --------------------------------------------------------------------------
+
+    async def watchers(self, pool: str, image: str) -> set[str]:
+        def watchers(ioctx: rados.Ioctx) -> set[str]:
+            with rbd.Image(ioctx, image, read_only=True) as handle:
+                return {w["addr"] for w in handle.watchers_list()}
+
+        return await self.client.run(pool, f"reading who has {image!r} open", watchers)
+
+    @staticmethod
+    def alive(claim: Claim, watchers: set[str]) -> bool:
+        return any(addr in watchers for addr in claim.addrs)
+
+    # -- taking and giving back ------------------------------------------------------------
+
+    async def acquire(self, pool: str, image: str, mode: Mode, volume: str) -> None:
+        """Claim ``image`` for this host in ``mode``, or raise :class:`LeaseConflict`."""
+        await self._open_presence(pool, image)
+        try:
+            own, _ = await self.client.address()
+
+            async def change(doc: LeaseDoc) -> LeaseDoc:
+                watchers = await self.watchers(pool, image)
+                return await self._claim(
+                    doc, watchers, own, pool=pool, image=image, mode=mode, volume=volume
+                )
+
+            await self._update(pool, image, change)
+        except BaseException:
+            await self._close_presence(pool, image)
+            raise
+
+    async def _claim(
+        self, doc: LeaseDoc, watchers: set[str], own: str, *, pool: str, image: str, mode: Mode,
+        volume: str,
+    ) -> LeaseDoc:  # fmt: skip
+        me = self.host_id
+        writer = doc.writer
+        if writer is not None and writer.host != me:
+            if self.alive(writer, watchers):
+                raise LeaseConflict(
+                    f"volume {volume!r} is mounted read-write on {describe(writer)}; stop the "
+                    f"containers using it there first. If that host is dead and its mapping still "
+                    f"shows, Ceph drops it within osd_client_watch_timeout and a retry takes over"
+                )
+            await self._take_over(writer, pool, image, volume)
+            writer = None
+        readers = {h: c for h, c in doc.readers.items() if h == me or self.alive(c, watchers)}
+        if mode == "rw":
+            if me in readers:
+                raise LeaseConflict(
+                    f"volume {volume!r}: this host ({me}) has it mounted read-only; "
+                    "unmount the read-only companion first"
+                )
+            if readers:
+                hosts = ", ".join(describe(c) for c in readers.values())
+                raise LeaseConflict(
+                    f"volume {volume!r} is mounted read-only on {hosts}; a read-write mount "
+                    "waits until every read-only mount is gone"
+                )
+            since = writer.since if writer else _now()
+            addrs = [*(writer.addrs if writer else []), own]
+            return LeaseDoc(writer=Claim(me, "rw", since, sorted(set(addrs))), readers={})
+        if writer is not None:  # our own host holds it read-write
+            raise LeaseConflict(
+                f"volume {volume!r}: this host ({me}) has it mounted read-write; "
+                "unmount it before mounting it read-only"
+            )
+        mine = readers.get(me)
+        readers[me] = Claim(me, "ro", mine.since if mine else _now(),
+                            sorted({*(mine.addrs if mine else []), own}))  # fmt: skip
+        return LeaseDoc(writer=None, readers=readers)
+
+    async def _take_over(self, writer: Claim, pool: str, image: str, volume: str) -> None:
+        if self.takeover == "manual":
+            raise LeaseConflict(
+                f"volume {volume!r} was mounted read-write on {describe(writer)}, which no longer "
+                "shows as alive; takeover is manual for this driver: check that host is down, "
+                f"then run `rbdplugin locks break {volume}` and mount again"
+            )
+        await self.fence(writer, image)
+        log.warning("volume %s: took over from %s after fencing it", volume, describe(writer))
+
+    async def fence(self, claim: Claim, image: str) -> list[str]:
+        """Blocklist every address of ``claim`` so that it can never write again."""
+        own, _ = await self.client.address()
+        fenced = [addr for addr in claim.addrs if addr != own]
+        for addr in fenced:
+            await self.client.run_cluster(
+                f"fencing {addr} of host {claim.host} for image {image!r}",
+                lambda cluster, a=addr: cluster.blocklist_add(a, self.fence_seconds),  # type: ignore[misc]
+            )
+        log.warning("image %s: fenced host %s (%s)", image, claim.host, ", ".join(fenced))
+        return fenced
+
+    async def record_mapping(self, pool: str, image: str) -> None:
+        """Add the mapping's own client address(es) to our claim, for fencing."""
+        own, _ = await self.client.address()
+        watchers = await self.watchers(pool, image) - {own}
+
+        async def change(doc: LeaseDoc) -> LeaseDoc | None:
+            claim = doc.claim_of(self.host_id)
+            if claim is None or watchers <= set(claim.addrs):
+                return None
+            claim.addrs = sorted({*claim.addrs, *watchers})
+            return doc
+
+        await self._update(pool, image, change)
+
+    async def release(self, pool: str, image: str) -> None:
+        """Drop this host's claim (never anyone else's)."""
+
+        async def change(doc: LeaseDoc) -> LeaseDoc | None:
+            if doc.claim_of(self.host_id) is None:
+                return None
+            if doc.writer is not None and doc.writer.host == self.host_id:
+                doc.writer = None
+            doc.readers.pop(self.host_id, None)
+            return doc
+
+        try:
+            await self._update(pool, image, change)
+        finally:
+            await self._close_presence(pool, image)
+
+    async def check(self, pool: str, image: str) -> Claim | None:
+        """Our claim on ``image`` as it stands in Ceph (None: lost), keeping presence up."""
+        doc, _ = await self.read(pool, image)
+        claim = doc.claim_of(self.host_id)
+        if claim is None:
+            await self._close_presence(pool, image)
+            return None
+        if (pool, image) not in self._presence:  # the connection was reset: watch again
+            await self._open_presence(pool, image)
+            own, _ = await self.client.address()
+
+            async def change(doc: LeaseDoc) -> LeaseDoc | None:
+                mine = doc.claim_of(self.host_id)
+                if mine is None or own in mine.addrs:
+                    return None
+                mine.addrs = sorted({*mine.addrs, own})
+                return doc
+
+            await self._update(pool, image, change)
+        return claim
+
+    async def holders(self, pool: str, image: str) -> list[Holder]:
+        doc, _ = await self.read(pool, image)
+        if doc.empty:
+            return []
+        watchers = await self.watchers(pool, image)
+        claims = ([doc.writer] if doc.writer else []) + list(doc.readers.values())
+        return [
+            Holder(image, c.host, c.mode, c.since, tuple(c.addrs), self.alive(c, watchers))
+            for c in claims
+        ]
+
+    async def break_lease(self, pool: str, image: str) -> list[str]:
+        """Fence the writer (alive or not) and clear every claim: ``rbdplugin locks break``."""
+        fenced: list[str] = []
+
+        async def change(doc: LeaseDoc) -> LeaseDoc | None:
+            if doc.empty:
+                return None
+            if doc.writer is not None:
+                fenced.extend(await self.fence(doc.writer, image))
+            return LeaseDoc()
+
+        await self._update(pool, image, change)
+        return fenced
+
+    # -- presence handles ------------------------------------------------------------------
+
+    async def _open_presence(self, pool: str, image: str) -> None:
+        def open_(ioctx: rados.Ioctx) -> None:
+            with self._presence_lock:
+                if (pool, image) not in self._presence:
+                    self._presence[(pool, image)] = rbd.Image(ioctx, image)
+
+        await self.client.run(pool, f"opening {image!r}", open_)
+
+    async def _close_presence(self, pool: str, image: str) -> None:
+        def close() -> None:
+            with self._presence_lock:
+                handle = self._presence.pop((pool, image), None)
+            if handle is not None:
+                handle.close()
+
+        # If the connection is gone, so is the watch, and the shutdown hook closed the handle.
+        with contextlib.suppress(CephUnavailable):
+            await self.client.run(pool, f"closing {image!r}", lambda _: close())
+
+    def _close_all_presence(self) -> None:
+        with self._presence_lock:
+            handles, self._presence = list(self._presence.values()), {}
+        for handle in handles:
+            try:
+                handle.close()
+            except rbd.Error as exc:
+                log.debug("closing a presence handle: %s", exc)
