@@ -107,6 +107,12 @@ class Attacher:
         image = self.image_ref(record.pool, record.image)
         read_only = record.mode == "ro"
         await self.leases.acquire(record.pool, record.image, "ro" if read_only else "rw", info.name)
+        sharing = self._sharing(record)
+        if sharing:
+            raise VolumeBusy(
+                f"volume {info.name!r}: its image {image.spec} is already mounted on this "
+                f"host as volume {sharing[0].volume!r}; one host mounts an image once"
+            )
         record.mapped = await self._map(image, read_only)
         record.phase = "mapped"
         self.table.save(record)
@@ -123,6 +129,14 @@ class Attacher:
         self.table.save(record)
         log.info("volume %s: mounted %s at %s (%s)", info.name, record.mapped.device,
                  record.mountpoint, self.mapper.name)  # fmt: skip
+
+    def _sharing(self, record: MountRecord) -> list[MountRecord]:
+        """Other volumes of this table on the same image (a source and its companions)."""
+        same = (record.pool, record.image)
+        return [
+            other for other in self.table.all()
+            if other.volume != record.volume and (other.pool, other.image) == same
+        ]  # fmt: skip
 
     async def _map(self, image: ImageRef, read_only: bool) -> MappedDevice:
         found = await self.mapper.find(image)
@@ -209,13 +223,16 @@ class Attacher:
         """Undo whatever stages of ``record`` happened; then forget it."""
         await self.fs.unmount(Path(record.mountpoint))
         image = self.image_ref(record.pool, record.image)
-        for mapped in (record.mapped, await self.mapper.find(image)):
+        # Another volume mounted here on the same image owns that mapping and claim.
+        shared = bool(self._sharing(record))
+        found = None if shared else await self.mapper.find(image)
+        for mapped in (record.mapped, found):
             if mapped is not None:
                 await self.mapper.unmap(mapped)
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
-        # Only our own claim is dropped: after a takeover the lease is someone else's.
-        await self.leases.release(record.pool, record.image)
+        if not shared:  # only our own claim: after a takeover the lease is someone else's
+            await self.leases.release(record.pool, record.image)
         self.table.drop(record.volume)
 
     # -- leases --------------------------------------------------------------------------

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rbdplugin import __version__
+from rbdplugin import __version__, locks
 from rbdplugin.config import Config, load_config
 from rbdplugin.daemon import serve
 from rbdplugin.devcluster import DevCluster
-from rbdplugin.errors import RbdPluginError
+from rbdplugin.errors import ConfigError, RbdPluginError
 
 DEFAULT_CONFIG = Path("/etc/rbdplugin/rbdplugin.toml")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -53,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     c = commands.add_parser("check-config", help="validate a config file and print it")
     c.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     c.set_defaults(func=_check_config)
+
+    locks = commands.add_parser("locks", help="who holds which volume; break a lock")
+    lk = locks.add_subparsers(required=True, metavar="ACTION")
+    ls = lk.add_parser("ls", help="list the hosts holding volumes")
+    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ls.add_argument("--driver", help="only this driver (tenant)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_locks_ls)
+    br = lk.add_parser("break", help="fence the holder of VOLUME and release its lock")
+    br.add_argument("volume")
+    br.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    br.add_argument("--driver", help="the volume's driver (needed with several tenants)")
+    br.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    br.set_defaults(func=_locks_break)
 
     d = commands.add_parser("devcluster", help="a throwaway single-node Ceph cluster")
     dc = d.add_subparsers(required=True, metavar="ACTION")
@@ -105,6 +119,57 @@ def _check_config(args: argparse.Namespace) -> int:
             f"{'/' + tenant.namespace if tenant.namespace else ''} as client.{tenant.user}, "
             f"socket {config.daemon.socket_dir / (tenant.driver + '.sock')}"
         )
+    return 0
+
+
+def _locks_ls(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    rows = asyncio.run(locks.list_locks(config, args.driver))
+    if args.json:
+        print(json.dumps([{"driver": r.driver, "volume": r.volume, "host": r.holder.host,
+                           "access": r.holder.mode, "since": r.holder.since,
+                           "addresses": list(r.holder.addrs), "alive": r.holder.alive}
+                          for r in rows], indent=2))  # fmt: skip
+        return 0
+    table = [("DRIVER", "VOLUME", "ACCESS", "HOST", "SINCE", "ALIVE", "ADDRESSES")]
+    for r in rows:
+        alive = "yes" if r.holder.alive else "NO"
+        table.append((r.driver, r.volume, r.holder.mode, r.holder.host, r.holder.since, alive,
+                      ",".join(r.holder.addrs)))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return 0
+
+
+def _locks_break(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    tenants = locks.tenants_for(config, args.driver)
+    if len(tenants) != 1:
+        names = ", ".join(t.driver for t in tenants)
+        raise ConfigError(f"several drivers in the config ({names}): name one with --driver")
+    tenant = tenants[0]
+    holders = asyncio.run(locks.holders_of(config, tenant, args.volume))
+    if not holders:
+        print(f"volume {args.volume}: nobody holds it")
+        return 0
+    for h in holders:
+        state = "alive" if h.alive else "not alive"
+        print(f"volume {args.volume}: {h.mode} on host {h.host} since {h.since} ({state}), "
+              f"addresses {', '.join(h.addrs)}")  # fmt: skip
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("refusing to fence without confirmation: add --yes")
+        answer = input(
+            "Fence the writer (it can no longer write to this image) and release? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing done")
+            return 1
+    fenced = asyncio.run(locks.break_lock(config, tenant, args.volume))
+    print(f"volume {args.volume}: released; fenced {', '.join(fenced) or 'nothing (no writer)'}")
     return 0
 
 

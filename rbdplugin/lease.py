@@ -197,7 +197,8 @@ class Leases:
 
     async def acquire(self, pool: str, image: str, mode: Mode, volume: str) -> None:
         """Claim ``image`` for this host in ``mode``, or raise :class:`LeaseConflict`."""
-        await self._open_presence(pool, image)
+        # A presence handle that was already open serves a mount that is still here.
+        opened = await self._open_presence(pool, image)
         try:
             own, _ = await self.client.address()
 
@@ -209,7 +210,8 @@ class Leases:
 
             await self._update(pool, image, change)
         except BaseException:
-            await self._close_presence(pool, image)
+            if opened:
+                await self._close_presence(pool, image)
             raise
 
     async def _claim(
@@ -353,13 +355,17 @@ class Leases:
 
     # -- presence handles ------------------------------------------------------------------
 
-    async def _open_presence(self, pool: str, image: str) -> None:
-        def open_(ioctx: rados.Ioctx) -> None:
-            with self._presence_lock:
-                if (pool, image) not in self._presence:
-                    self._presence[(pool, image)] = rbd.Image(ioctx, image)
+    async def _open_presence(self, pool: str, image: str) -> bool:
+        """Open the presence handle of ``image``; False if it was open already."""
 
-        await self.client.run(pool, f"opening {image!r}", open_)
+        def open_(ioctx: rados.Ioctx) -> bool:
+            with self._presence_lock:
+                if (pool, image) in self._presence:
+                    return False
+                self._presence[(pool, image)] = rbd.Image(ioctx, image)
+                return True
+
+        return await self.client.run(pool, f"opening {image!r}", open_)
 
     async def _close_presence(self, pool: str, image: str) -> None:
         def close() -> None:

@@ -1,0 +1,75 @@
+"""Operator commands on leases: ``rbdplugin locks ls`` and ``rbdplugin locks break``.
+
+They talk to Ceph directly with the tenant's own identity (a dead daemon cannot
+answer, and breaking its lock is what these commands are for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from rbdplugin.backends.rbd import RbdBackend
+from rbdplugin.ceph import CephClient
+from rbdplugin.config import Config, TenantConfig
+from rbdplugin.errors import ConfigError
+from rbdplugin.lease import Holder, Leases
+
+
+@dataclass(frozen=True)
+class VolumeLock:
+    driver: str
+    volume: str
+    holder: Holder
+
+
+def tenants_for(config: Config, driver: str | None) -> tuple[TenantConfig, ...]:
+    if driver is None:
+        return config.tenants
+    found = tuple(t for t in config.tenants if t.driver == driver)
+    if not found:
+        valid = ", ".join(t.driver for t in config.tenants)
+        raise ConfigError(f"no driver {driver!r} in the config; drivers: {valid}")
+    return found
+
+
+@asynccontextmanager
+async def _session(
+    config: Config, tenant: TenantConfig
+) -> AsyncIterator[tuple[RbdBackend, Leases]]:
+    # No address_file: an operator's command must never fence the daemon's connection.
+    client = CephClient(config.ceph, tenant, deadline=config.daemon.op_timeout)
+    leases = Leases(client, f"{config.daemon.host_id}-operator", tenant.takeover,
+                    config.daemon.fence_seconds)  # fmt: skip
+    try:
+        yield RbdBackend(client, tenant), leases
+    finally:
+        await client.close()
+
+
+async def list_locks(config: Config, driver: str | None = None) -> list[VolumeLock]:
+    found = []
+    for tenant in tenants_for(config, driver):
+        async with _session(config, tenant) as (backend, leases):
+            for name in sorted(await backend.names()):
+                info = await backend.inspect(name)
+                if info.spec.source:
+                    continue  # a companion's claims live on its source's lease
+                for holder in await leases.holders(info.spec.pool, name):
+                    found.append(VolumeLock(tenant.driver, name, holder))
+    return found
+
+
+async def break_lock(config: Config, tenant: TenantConfig, volume: str) -> list[str]:
+    """Fence the writer of ``volume`` and clear its lease; the fenced addresses."""
+    async with _session(config, tenant) as (backend, leases):
+        info = await backend.inspect(volume)
+        image = info.spec.source or volume
+        return await leases.break_lease(info.spec.pool, image)
+
+
+async def holders_of(config: Config, tenant: TenantConfig, volume: str) -> list[Holder]:
+    async with _session(config, tenant) as (backend, leases):
+        info = await backend.inspect(volume)
+        return await leases.holders(info.spec.pool, info.spec.source or volume)

@@ -1,0 +1,328 @@
+"""One writer across hosts. Two daemons with their own host_id, state, mounts and
+sockets stand in for two hosts on one real cluster. Several tests wait out the
+cluster's osd_client_watch_timeout (WATCH_TIMEOUT): run them alone with
+``make test PYTEST_ARGS="-m locks"``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rbdplugin.devcluster import DevCluster
+from rbdplugin.mapping import HostPaths
+from rbdplugin.mapping.scan import loop_backing_files, mounts, processes
+from tests.conftest import WATCH_TIMEOUT, StartDaemon, tenant_toml
+from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+
+pytestmark = pytest.mark.locks
+HOST = HostPaths()
+# Takeover must come within the watch timeout plus this (lease checks, retries, fencing).
+MARGIN = 10
+
+
+@dataclass
+class Host:
+    name: str
+    root: Path
+    daemon: DaemonProcess
+
+    @property
+    def client(self) -> PluginClient:
+        return self.daemon.client("alpha")
+
+    def export_pids(self, volume: str) -> list[int]:
+        export = self.root / "state" / "exports" / "alpha" / "-" / volume
+        return processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")
+
+    def mount(self, volume: str, mount_id: str = "c") -> dict[str, str]:
+        return self.client.call("VolumeDriver.Mount", {"Name": volume, "ID": mount_id})
+
+    def scrub(self) -> None:
+        """Take down whatever a killed or frozen host left on this machine."""
+        for pid in processes(HOST, "qemu-storage-daemon", str(self.root)):
+            os.kill(pid, signal.SIGCONT)
+        for target in sorted(mounts(HOST), reverse=True):
+            if target.startswith(str(self.root / "mounts")):
+                subprocess.run(["umount", "--lazy", target], check=False)
+        for device, backing in loop_backing_files(HOST).items():
+            if backing.startswith(str(self.root)):
+                subprocess.run(["losetup", "--detach", device], check=False)
+        for pid in processes(HOST, "qemu-storage-daemon", str(self.root)):
+            os.kill(pid, signal.SIGKILL)
+        for target in mounts(HOST):
+            if target.startswith(str(self.root)):
+                subprocess.run(["umount", "--lazy", target], check=False)
+
+
+@pytest.fixture
+def hosts(
+    cluster: DevCluster,
+    daemon_factory: StartDaemon,
+    short_tmp: Path,
+    request: pytest.FixtureRequest,
+) -> Iterator[tuple[Host, Host]]:
+    marker = request.node.get_closest_marker("takeover")
+    takeover = marker.args[0] if marker else "auto"
+    tenants = tenant_toml(cluster, "alpha", default_size="64M", takeover=takeover)
+    made = []
+    for name in ("host-a", "host-b"):
+        root = short_tmp / unique(name)
+        daemon = daemon_factory(
+            tenants, wait_for="alpha", host_id=name, lease_check_seconds=1,
+            state_dir=str(root / "state"), mount_root=str(root / "mounts"),
+        )  # fmt: skip
+        made.append(Host(name, root, daemon))
+    yield made[0], made[1]
+    for host in made:
+        host.scrub()
+
+
+def write_blob(path: Path, size: int = 2 << 20) -> str:
+    data = os.urandom(size)
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def take_over(host: Host, volume: str, since: float) -> tuple[str, float]:
+    """Retry Mount on ``host`` until it succeeds; the mountpoint and seconds since ``since``."""
+    deadline = since + WATCH_TIMEOUT + MARGIN + 20
+    reply = host.mount(volume)
+    while reply["Err"]:
+        assert time.monotonic() < deadline, f"no takeover: {reply['Err']}"
+        time.sleep(0.5)
+        reply = host.mount(volume)
+    return reply["Mountpoint"], time.monotonic() - since
+
+
+def direct_write_fails(path: Path) -> bool:
+    done = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=4k", "count=4", "oflag=direct,sync"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    return done.returncode != 0
+
+
+def test_race_exactly_one_host_wins_each_round(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    volume = unique("race")
+    assert a.client.create(volume, {"size": "64M"}) == {"Err": ""}
+    wins = {"host-a": 0, "host-b": 0}
+    for round_ in range(50):
+        mount_id = f"r{round_}"
+        with ThreadPoolExecutor(2) as pool:
+            replies = list(pool.map(lambda h, i=mount_id: (h, h.mount(volume, i)), (a, b)))
+        winners = [h for h, r in replies if r["Err"] == ""]
+        losers = [(h, r) for h, r in replies if r["Err"]]
+        assert len(winners) == 1, replies
+        winner, (_, lost) = winners[0], losers[0]
+        assert f"is mounted read-write on host {winner.name} (since" in lost["Err"], lost
+        wins[winner.name] += 1
+        assert winner.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": f"r{round_}"}) == {
+            "Err": ""
+        }
+    assert sum(wins.values()) == 50
+
+
+def test_crash_of_the_holder_is_fenced_and_taken_over(
+    hosts: tuple[Host, Host], admin: Admin
+) -> None:
+    a, b = hosts
+    volume = unique("crash")
+    path = Path(a.mount(volume)["Mountpoint"])
+    digest = write_blob(path / "blob")
+    export_pids = a.export_pids(volume)
+    lease = json.loads(admin.cluster.open_ioctx("alpha").read(f"rbdplugin.lease.{volume}"))
+    a_addresses = lease["writer"]["addrs"]
+    assert len(a_addresses) == 2  # the daemon's presence and the mapping
+
+    refused = b.mount(volume)["Err"]
+    assert "is mounted read-write on host host-a" in refused
+    assert "since" in refused and "stop the containers using it there first" in refused
+
+    a.daemon.kill()
+    for pid in export_pids:
+        os.kill(pid, signal.SIGKILL)
+    died = time.monotonic()
+    b_path, took = take_over(b, volume, died)
+    print(f"takeover after a crash: {took:.1f} s (watch timeout {WATCH_TIMEOUT} s)")
+    assert took <= WATCH_TIMEOUT + MARGIN
+    assert sha(Path(b_path) / "blob") == digest
+    blocklist = admin.mon({"prefix": "osd blocklist ls", "format": "json"})
+    entries, _ = json.JSONDecoder().raw_decode(blocklist)  # a second array (ranges) follows
+    listed = {entry["addr"] for entry in entries}
+    assert set(a_addresses) <= listed
+    assert "fenced host host-a" in b.daemon.log() and "took over from host host-a" in b.daemon.log()
+    assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
+
+
+def test_a_frozen_holder_is_fenced_and_notices_the_loss(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    volume = unique("freeze")
+    a_path = Path(a.mount(volume)["Mountpoint"])
+    write_blob(a_path / "from-a")
+    frozen = [a.daemon.proc.pid, *a.export_pids(volume)]  # type: ignore[union-attr]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        b_path, took = take_over(b, volume, time.monotonic())
+        print(f"takeover from a frozen host: {took:.1f} s")
+        digest = write_blob(Path(b_path) / "from-b")
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    # The woken host cannot write a byte: its every address is blocklisted.
+    assert direct_write_fails(a_path / "late-write")
+    wait_until(lambda: "LOST" in a.daemon.log(), 20, "host-a noticing the loss")
+    assert a.client.get(volume)["Volume"]["Status"]["lost_to"].startswith("host-b at ")
+    # host-b's data is intact and host-a's late write never reached the image.
+    assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
+    again = Path(b.mount(volume, "again")["Mountpoint"])
+    assert sha(again / "from-b") == digest
+    assert not (again / "late-write").exists()
+    assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "again"}) == {"Err": ""}
+
+
+def test_a_daemon_crash_with_a_live_mapping_is_not_taken_over(
+    cluster: DevCluster, daemon_factory: StartDaemon, hosts: tuple[Host, Host]
+) -> None:
+    a, b = hosts
+    volume = unique("alive")
+    path = Path(a.mount(volume)["Mountpoint"])
+    writer = subprocess.Popen(["sh", "-c", f"while :; do date >> {path}/log; sleep 0.1; done"])
+    try:
+        a.daemon.kill()  # the container keeps writing through the mapping
+        end = time.monotonic() + WATCH_TIMEOUT + 5
+        while time.monotonic() < end:
+            err = b.mount(volume)["Err"]
+            assert "is mounted read-write on host host-a" in err, err
+            time.sleep(1)
+        before = len((path / "log").read_text().splitlines())
+        time.sleep(0.5)
+        assert len((path / "log").read_text().splitlines()) > before
+    finally:
+        writer.kill()
+        writer.wait()
+    restarted = daemon_factory(
+        tenant_toml(cluster, "alpha", default_size="64M"), wait_for="alpha", host_id="host-a",
+        lease_check_seconds=1, state_dir=str(a.root / "state"), mount_root=str(a.root / "mounts"),
+    )  # fmt: skip
+    client = restarted.client("alpha")
+    assert client.get(volume)["Volume"]["Status"]["mounts"] == {"c": 1}
+    assert client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
+    assert b.mount(volume)["Err"] == ""  # released cleanly: no fencing needed
+    assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
+
+
+def test_read_only_companions_share_and_exclude_writers(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    volume, companion = unique("src"), unique("ro")
+    path = Path(a.mount(volume)["Mountpoint"])
+    digest = write_blob(path / "data")
+    assert a.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
+
+    err = a.client.create(unique("bad"), {"access": "ro"})["Err"]
+    assert "access=ro needs source=VOLUME" in err
+    assert a.client.create(companion, {"source": volume}) == {"Err": ""}
+    assert companion in b.client.names()  # global: every host sees it
+    assert b.client.get(companion)["Volume"]["Status"]["image"].endswith(f"/{volume}")
+
+    ro_paths = [
+        Path(a.mount(companion, "a1")["Mountpoint"]),
+        Path(b.mount(companion, "b1")["Mountpoint"]),
+        Path(b.mount(companion, "b2")["Mountpoint"]),
+    ]
+    for ro in ro_paths:
+        assert sha(ro / "data") == digest
+        with pytest.raises(OSError):
+            (ro / "nope").write_text("x")
+    for host in (a, b):  # both hold it read-only themselves
+        err = host.mount(volume, "rw")["Err"]
+        assert f"this host ({host.name}) has it mounted read-only" in err, err
+    assert "is mounted (ro on host" in a.client.remove(volume)["Err"]  # readers are live
+
+    for mount_id in ("b1", "b2"):
+        assert b.client.call("VolumeDriver.Unmount", {"Name": companion, "ID": mount_id}) == {
+            "Err": ""
+        }
+    err = b.mount(volume, "rw")["Err"]  # host-b reads no more, host-a still does
+    assert "is mounted read-only on host host-a" in err
+    assert "waits until every read-only mount is gone" in err
+    assert a.client.call("VolumeDriver.Unmount", {"Name": companion, "ID": "a1"}) == {"Err": ""}
+    assert a.mount(volume, "rw")["Err"] == ""
+    err = b.mount(companion, "b3")["Err"]
+    assert "is mounted read-write on host host-a" in err
+    assert a.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "rw"}) == {"Err": ""}
+    assert "has read-only companion volume(s)" in a.client.remove(volume)["Err"]
+    assert a.client.remove(companion) == {"Err": ""}
+    assert companion not in a.client.names()
+    assert a.client.remove(volume) == {"Err": ""}
+
+
+def rbdplugin(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rbdplugin", *args], capture_output=True, text=True,
+                          input=stdin, timeout=120, check=False)  # fmt: skip
+
+
+def test_locks_ls_and_break_fence_a_live_holder(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    volume = unique("brk")
+    a_path = Path(a.mount(volume)["Mountpoint"])
+    write_blob(a_path / "before")
+    config = str(b.daemon.config)
+    listed = rbdplugin("locks", "ls", "--config", config)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if volume in line)
+    assert row.split()[:6] == ["alpha", volume, "rw", "host-a", row.split()[4], "yes"]
+    as_json = json.loads(rbdplugin("locks", "ls", "--config", config, "--json").stdout)
+    assert {"volume": volume, "host": "host-a", "alive": True}.items() <= next(
+        r for r in as_json if r["volume"] == volume
+    ).items()
+
+    refused = rbdplugin("locks", "break", volume, "--config", config, stdin="")
+    assert refused.returncode == 1 and "add --yes" in refused.stderr
+    assert not direct_write_fails(a_path / "still-mine")
+
+    broken = rbdplugin("locks", "break", volume, "--config", config, "--yes")
+    assert broken.returncode == 0, broken.stderr
+    assert f"volume {volume}: released; fenced 127.0.0.1:" in broken.stdout
+    assert direct_write_fails(a_path / "after-break")
+    wait_until(lambda: "LOST" in a.daemon.log(), 20, "host-a noticing the break")
+    assert b.mount(volume)["Err"] == ""
+    assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
+
+
+@pytest.mark.takeover("manual")
+def test_manual_takeover_says_how_to_force_it(hosts: tuple[Host, Host]) -> None:
+    a, b = hosts
+    volume = unique("man")
+    assert a.mount(volume)["Err"] == ""
+    pids = a.export_pids(volume)
+    a.daemon.kill()
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(WATCH_TIMEOUT + 2)
+    err = b.mount(volume)["Err"]
+    assert "takeover is manual for this driver" in err
+    assert f"rbdplugin locks break {volume}" in err
+    done = rbdplugin("locks", "break", volume, "--config", str(b.daemon.config), "--yes")
+    assert done.returncode == 0, done.stderr
+    assert b.mount(volume)["Err"] == ""
+    assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
