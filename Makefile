@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # Debian packages: Ceph daemons and bindings (tests and the embedded cluster),
 # the fuse mapper's tools, filesystems, and the venv module for Debian's python.
 APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-venv \
-	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl
+	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl \
+	docker.io busybox-static
 
 .PHONY: setup run test lint unit clean
 setup: $(STAMP)

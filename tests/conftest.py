@@ -26,8 +26,10 @@ WATCH_TIMEOUT = 10
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in item.path.parts:
+        if "integration" in item.path.parts or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.ceph)
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
