@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from rbdplugin.errors import InvalidArgument, InvalidRequest, RbdPluginError
+from rbdplugin.metrics import Metrics
 from rbdplugin.service import VolumeService, VolumeView
 
 log = logging.getLogger("rbdplugin.requests")
@@ -26,6 +27,7 @@ MAX_BODY = 64 * 1024
 CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 SERVICE = web.AppKey("service", VolumeService)
 DRIVER = web.AppKey("driver", str)
+METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Body = dict[str, Any]
@@ -202,6 +204,7 @@ async def protocol_errors(request: web.Request, handler: Handler) -> web.StreamR
             f"internal error in rbdplugin while handling {endpoint}; see the daemon's log", 500
         )
     elapsed = time.monotonic() - started
+    _count(request.app[METRICS], driver, request.path, outcome, elapsed)
     message = response.text if isinstance(response, web.Response) and outcome != "ok" else ""
     log.info(
         "driver=%s endpoint=%s volume=%s outcome=%s duration=%.3fs%s",
@@ -210,10 +213,19 @@ async def protocol_errors(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
-def build_app(driver: str, service: VolumeService) -> web.Application:
+def _count(metrics: Metrics, driver: str, path: str, outcome: str, elapsed: float) -> None:
+    endpoint = path.lstrip("/") if path in ROUTES else "unknown"  # bounded label values
+    metrics.requests.labels(driver, endpoint, "ok" if outcome == "ok" else "error").inc()
+    metrics.request_seconds.labels(endpoint).observe(elapsed)
+    if outcome != "ok":
+        metrics.errors.labels(outcome.removeprefix("error:")).inc()
+
+
+def build_app(driver: str, service: VolumeService, metrics: Metrics) -> web.Application:
     app = web.Application(middlewares=[protocol_errors], client_max_size=MAX_BODY)
     app[SERVICE] = service
     app[DRIVER] = driver
+    app[METRICS] = metrics
     for route, handler in ROUTES.items():
         app.router.add_route("*", route, handler)
     return app

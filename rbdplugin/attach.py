@@ -25,6 +25,7 @@ from rbdplugin.errors import InvalidArgument, RbdPluginError, VolumeBusy
 from rbdplugin.filesystem import Filesystems
 from rbdplugin.lease import Leases
 from rbdplugin.mapping import ImageRef, MappedDevice, Mapper
+from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class Attacher:
         backend: VolumeBackend,
         table: MountTable,
         leases: Leases,
+        metrics: Metrics,
     ) -> None:
         self.tenant = tenant
         self.conf = conf
@@ -52,6 +54,7 @@ class Attacher:
         self.backend = backend
         self.table = table
         self.leases = leases
+        self.metrics = metrics
 
     def image_ref(self, pool: str, image: str) -> ImageRef:
         t = self.tenant
@@ -122,7 +125,10 @@ class Attacher:
         record.phase = "mounting"
         self.table.save(record)
         options = info.spec.mount_options + (READ_ONLY_OPTIONS[record.fstype] if read_only else ())
-        await self.fs.mount(record.mapped.device, Path(record.mountpoint), record.fstype, options)
+        with self.metrics.stage("mount"):
+            await self.fs.mount(
+                record.mapped.device, Path(record.mountpoint), record.fstype, options
+            )
         record.phase = "mounted"
         record.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         record.counts = {mount_id: 1}
@@ -150,11 +156,13 @@ class Attacher:
                 )
             log.info("volume %s: removing a leftover mapping %s", image.image, found)
             await self.mapper.unmap(found)
-        return await self.mapper.map(image, read_only)
+        with self.metrics.stage("map"):
+            return await self.mapper.map(image, read_only)
 
     async def _format_once(self, info: VolumeInfo, device: str, read_only: bool) -> str:
         wanted = info.spec.fstype
-        signature = await self.fs.probe(device)
+        with self.metrics.stage("probe"):
+            signature = await self.fs.probe(device)
         if signature is None and read_only:
             raise InvalidArgument(
                 f"volume {info.name!r}: its source {info.spec.source!r} holds no filesystem yet; "
@@ -188,9 +196,9 @@ class Attacher:
     async def _mkfs(self, info: VolumeInfo, device: str, fstype: str, force: bool) -> None:
         await self.backend.formatting_started(info.name)
         started = time.monotonic()
-        await self.fs.mkfs(
-            device, fstype, fast=info.fresh, extra=info.spec.mkfs_options, force=force
-        )
+        with self.metrics.stage("mkfs"):
+            extra = info.spec.mkfs_options
+            await self.fs.mkfs(device, fstype, fast=info.fresh, extra=extra, force=force)
         await self.backend.formatting_done(info.name)
         log.info("volume %s: made %s on %s in %.1f s%s", info.name, fstype, device,
                  time.monotonic() - started, " (fast)" if info.fresh else "")  # fmt: skip
@@ -221,14 +229,16 @@ class Attacher:
 
     async def _teardown(self, record: MountRecord) -> None:
         """Undo whatever stages of ``record`` happened; then forget it."""
-        await self.fs.unmount(Path(record.mountpoint))
+        with self.metrics.stage("unmount"):
+            await self.fs.unmount(Path(record.mountpoint))
         image = self.image_ref(record.pool, record.image)
         # Another volume mounted here on the same image owns that mapping and claim.
         shared = bool(self._sharing(record))
         found = None if shared else await self.mapper.find(image)
         for mapped in (record.mapped, found):
             if mapped is not None:
-                await self.mapper.unmap(mapped)
+                with self.metrics.stage("unmap"):
+                    await self.mapper.unmap(mapped)
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
         if not shared:  # only our own claim: after a takeover the lease is someone else's
@@ -246,6 +256,7 @@ class Attacher:
         holder = doc.writer.host if doc.writer else "nobody"
         record.lost = f"{holder} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
         self.table.save(record)
+        self.metrics.leases_lost.labels(self.tenant.name).inc()
         log.error(
             "volume %s: LOST: this host's lease is gone (now held by %s); our access to the image "
             "is fenced and I/O on %s fails. Stop the containers using it here.",

@@ -10,6 +10,9 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from rbdplugin import __version__, locks
 from rbdplugin.config import Config, load_config
@@ -53,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     c = commands.add_parser("check-config", help="validate a config file and print it")
     c.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     c.set_defaults(func=_check_config)
+
+    st = commands.add_parser("status", help="ask the running daemon what it has mounted")
+    st.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
 
     locks = commands.add_parser("locks", help="who holds which volume; break a lock")
     lk = locks.add_subparsers(required=True, metavar="ACTION")
@@ -122,6 +130,52 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    control = config.daemon.state_dir / "control.sock"
+    status = asyncio.run(_ask_daemon(control))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0 if status["health"]["ready"] else 3
+    health = status["health"]
+    print(f"host {status['host_id']}, mapper {status['mapper']}, "
+          f"{'ready' if health['ready'] else 'NOT READY'}")  # fmt: skip
+    for driver, state in health["drivers"].items():
+        listening = "listening" if state["listening"] else "NOT LISTENING"
+        print(f"  driver {driver}: {state['socket']} {listening}, ceph {state['ceph']}")
+    rows = [("DRIVER", "VOLUME", "ACCESS", "PHASE", "DEVICE", "MOUNTPOINT", "MOUNTS", "LOST TO")]
+    for v in status["volumes"]:
+        counts = ",".join(f"{k}={n}" for k, n in v["mounts"].items()) or "-"
+        rows.append((v["driver"], v["volume"], v["access"], v["phase"], v["device"] or "-",
+                     v["mountpoint"], counts, v["lost_to"] or "-"))  # fmt: skip
+    print(_table(rows) if status["volumes"] else "no volumes mounted on this host")
+    return 0 if health["ready"] else 3
+
+
+async def _ask_daemon(control: Path) -> dict[str, Any]:
+    if not control.exists():
+        raise RbdPluginError(f"no daemon answers at {control}: is rbdplugin serve running?")
+    connector = aiohttp.UnixConnector(path=str(control))
+    timeout = aiohttp.ClientTimeout(total=30)
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
+            session.get("http://daemon/status") as response,
+        ):
+            result: dict[str, Any] = await response.json()
+            return result
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise RbdPluginError(f"the daemon at {control} did not answer: {exc}") from exc
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
 def _locks_ls(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     rows = asyncio.run(locks.list_locks(config, args.driver))
@@ -136,11 +190,7 @@ def _locks_ls(args: argparse.Namespace) -> int:
         alive = "yes" if r.holder.alive else "NO"
         table.append((r.driver, r.volume, r.holder.mode, r.holder.host, r.holder.since, alive,
                       ",".join(r.holder.addrs)))  # fmt: skip
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        )
+    print(_table(table))
     return 0
 
 

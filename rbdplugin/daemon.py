@@ -18,8 +18,10 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, ProcessCollector
 
 from rbdplugin.api import build_app
 from rbdplugin.attach import Attacher
@@ -29,9 +31,11 @@ from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
 from rbdplugin.errors import ConfigError, RbdPluginError
 from rbdplugin.filesystem import Filesystems
+from rbdplugin.health import CephProbe, control_app, metrics_app, socket_answers
 from rbdplugin.lease import Leases
 from rbdplugin.mapping import HostPaths, Mapper
 from rbdplugin.mapping.select import build_mapper
+from rbdplugin.metrics import Metrics, MountedVolume, Snapshot, StateCollector
 from rbdplugin.mounts import MountTable
 from rbdplugin.process import run
 from rbdplugin.service import VolumeService
@@ -87,14 +91,25 @@ class Driver:
     service: VolumeService
     runner: web.AppRunner
     socket_path: Path
+    probe: CephProbe
 
 
 class Daemon:
-    def __init__(self, config: Config, host: HostPaths | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        host: HostPaths | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.config = config
         self.host = host or HostPaths()
         self.drivers: list[Driver] = []
         self.mapper: Mapper | None = None
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        ProcessCollector(registry=self.registry)
+        self.registry.register(StateCollector(self.snapshot))
+        self._side: list[web.AppRunner] = []  # metrics listener and control socket
 
     async def start(self) -> None:
         daemon = self.config.daemon
@@ -110,6 +125,11 @@ class Daemon:
             raise
         for driver in self.drivers:
             asyncio.create_task(self._connect(driver))  # noqa: RUF006 - finishes on its own
+        try:
+            await self._start_side()
+        except BaseException:
+            await self.stop()
+            raise
         log.info(
             "rbdplugin serving %s as host %s",
             ", ".join(f"{d.tenant.driver} at {d.socket_path}" for d in self.drivers),
@@ -128,7 +148,7 @@ class Daemon:
             path.unlink(missing_ok=True)
             raise
         runner = web.AppRunner(
-            build_app(tenant.driver, service),
+            build_app(tenant.driver, service, self.metrics),
             handle_signals=False,
             access_log=None,
             shutdown_timeout=DRAIN_SECONDS,
@@ -141,7 +161,7 @@ class Daemon:
             await service.close()
             path.unlink(missing_ok=True)
             raise
-        return Driver(tenant, service, runner, path)
+        return Driver(tenant, service, runner, path, CephProbe(service))
 
     async def _build_service(self, tenant: TenantConfig, mapper: Mapper) -> VolumeService:
         daemon = self.config.daemon
@@ -151,11 +171,11 @@ class Daemon:
             address_file=state / "client-address.json",
         )  # fmt: skip
         backend = build_backend(client, tenant)
-        leases = Leases(client, daemon.host_id, tenant.takeover, daemon.fence_seconds)
+        leases = Leases(client, daemon.host_id, tenant.takeover, daemon.fence_seconds, self.metrics)
         attacher = Attacher(
             tenant=tenant, conf=self.config.ceph.conf, mount_root=daemon.mount_root, mapper=mapper,
             filesystems=Filesystems(run, self.host, daemon.op_timeout), backend=backend,
-            table=MountTable(state / "mounts.json"), leases=leases,
+            table=MountTable(state / "mounts.json"), leases=leases, metrics=self.metrics,
         )  # fmt: skip
         service = VolumeService(
             tenant=tenant, backend=backend, attacher=attacher,
@@ -171,7 +191,74 @@ class Daemon:
         except RbdPluginError as exc:
             log.error("tenant %s: %s (will retry on the next request)", driver.tenant.name, exc)
 
+    async def _start_side(self) -> None:
+        daemon = self.config.daemon
+        control = daemon.state_dir / "control.sock"
+        runner = web.AppRunner(control_app(self.status), access_log=None)
+        await runner.setup()
+        self._side.append(runner)
+        await web.SockSite(runner, bind_unix(control)).start()
+        if daemon.metrics:
+            host, _, port = daemon.metrics.rpartition(":")
+            runner = web.AppRunner(metrics_app(self.registry, self.readiness), access_log=None)
+            await runner.setup()
+            self._side.append(runner)
+            await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+            log.info("metrics and health on http://%s/metrics, /healthz, /readyz", daemon.metrics)
+
+    async def readiness(self) -> dict[str, Any]:
+        drivers: dict[str, Any] = {}
+        for driver in self.drivers:
+            listening = socket_answers(driver.socket_path)
+            ceph = await driver.probe.check()
+            drivers[driver.tenant.driver] = {
+                "socket": str(driver.socket_path), "listening": listening, "ceph": ceph,
+                "ready": listening and ceph == "up",
+            }  # fmt: skip
+        ready = bool(drivers) and all(d["ready"] for d in drivers.values())
+        return {"ready": ready, "drivers": drivers}
+
+    def snapshot(self) -> Snapshot:
+        mounted = []
+        for driver in self.drivers:
+            attacher = driver.service.attacher
+            for record in attacher.table.all():
+                if record.phase != "mounted" or record.mapped is None:
+                    continue
+                size, used = _usage(attacher, record.mountpoint)
+                mounted.append(
+                    MountedVolume(driver.tenant.name, record.volume, record.mapped.mapper,
+                                  record.references, size, used)
+                )  # fmt: skip
+        connected = {
+            d.tenant.name: d.service.attacher.leases.client.connected for d in self.drivers
+        }
+        return Snapshot(mounted, [d.tenant.name for d in self.drivers], connected)
+
+    async def status(self) -> dict[str, Any]:
+        volumes = []
+        for driver in self.drivers:
+            for record in driver.service.attacher.table.all():
+                volumes.append({
+                    "driver": driver.tenant.driver, "volume": record.volume,
+                    "image": f"{record.pool}/{record.image}", "phase": record.phase,
+                    "access": record.mode, "mountpoint": record.mountpoint,
+                    "device": record.mapped.device if record.mapped else "",
+                    "mounts": dict(record.counts), "since": record.since, "lost_to": record.lost,
+                })  # fmt: skip
+        return {
+            "host_id": self.config.daemon.host_id,
+            "mapper": self.mapper.name if self.mapper else "",
+            "health": await self.readiness(),
+            "volumes": volumes,
+        }
+
     async def stop(self) -> None:
+        side, self._side = self._side, []
+        for runner in side:
+            await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.daemon.state_dir / "control.sock").unlink()
         drivers, self.drivers = self.drivers, []
         for driver in drivers:
             await driver.runner.cleanup()  # stops accepting, then drains in-flight requests
@@ -181,6 +268,14 @@ class Daemon:
                 driver.socket_path.unlink()
         if drivers:
             log.info("rbdplugin stopped")
+
+
+def _usage(attacher: Attacher, mountpoint: str) -> tuple[int | None, int | None]:
+    try:
+        usage = attacher.fs.usage(Path(mountpoint))
+    except OSError:
+        return None, None
+    return usage.size, usage.used
 
 
 async def serve(config: Config) -> None:

@@ -37,6 +37,7 @@ import rbd
 
 from rbdplugin.ceph import CephClient
 from rbdplugin.errors import CephUnavailable, Conflict
+from rbdplugin.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,15 @@ class Leases:
     """The leases of one tenant, taken with the tenant's own Ceph identity."""
 
     def __init__(
-        self, client: CephClient, host_id: str, takeover: Takeover, fence_seconds: int
+        self,
+        client: CephClient,
+        host_id: str,
+        takeover: Takeover,
+        fence_seconds: int,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
+        self.metrics = metrics
         self.host_id = host_id
         self.takeover = takeover
         self.fence_seconds = fence_seconds
@@ -264,6 +271,8 @@ class Leases:
             )
         await self.fence(writer, image)
         log.warning("volume %s: took over from %s after fencing it", volume, describe(writer))
+        if self.metrics is not None:
+            self.metrics.takeovers.labels(self.client.tenant.name).inc()
 
     async def fence(self, claim: Claim, image: str) -> list[str]:
         """Blocklist every address of ``claim`` so that it can never write again."""
@@ -275,6 +284,8 @@ class Leases:
                 lambda cluster, a=addr: cluster.blocklist_add(a, self.fence_seconds),  # type: ignore[misc]
             )
         log.warning("image %s: fenced host %s (%s)", image, claim.host, ", ".join(fenced))
+        if self.metrics is not None:
+            self.metrics.fencings.labels(self.client.tenant.name).inc(len(fenced))
         return fenced
 
     async def record_mapping(self, pool: str, image: str) -> None:

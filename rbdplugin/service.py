@@ -29,6 +29,7 @@ from rbdplugin.errors import (
     RbdPluginError,
     VolumeBusy,
 )
+from rbdplugin.lease import LeaseConflict
 from rbdplugin.spec import CreateRequest, Defaults, incompatibilities, parse_create, validate_name
 from rbdplugin.state import KnownVolumes
 from rbdplugin.units import format_size
@@ -138,7 +139,8 @@ class VolumeService:
 
     async def _backend_create(self, request: CreateRequest) -> VolumeInfo:
         try:
-            info = await self.backend.create(request, self.host_id)
+            with self.attacher.metrics.stage("create"):
+                info = await self.backend.create(request, self.host_id)
         except Conflict:
             # Another host created it between our look-up and our create.
             existing = await self._inspect_or_none(request.name)
@@ -195,7 +197,11 @@ class VolumeService:
             mountpoint = self.attacher.add_reference(name, mount_id)
             if mountpoint is None:
                 info = await self._inspect_or_create(name)
-                mountpoint = await self.attacher.mount(info, mount_id)
+                try:
+                    mountpoint = await self.attacher.mount(info, mount_id)
+                except LeaseConflict:
+                    self.attacher.metrics.lock_conflicts.labels(self.tenant.name).inc()
+                    raise
             return mountpoint
 
     async def _inspect_or_create(self, name: str) -> VolumeInfo:
@@ -347,7 +353,8 @@ class VolumeService:
                     "stop the containers using it first"
                 )
             await self._refuse_if_held(name)
-            outcome = await self.backend.remove(name)
+            with self.attacher.metrics.stage("remove"):
+                outcome = await self.backend.remove(name)
             self.known.forget(name)
         log.info("volume %s: removed (%s, policy %s)", name, outcome, self.tenant.remove_policy)
 

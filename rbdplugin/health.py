@@ -1,0 +1,101 @@
+"""What operators and their tools ask the daemon: metrics, health, status.
+
+- On ``[daemon] metrics`` (TCP): ``/metrics`` (Prometheus), ``/healthz`` (the
+  process runs) and ``/readyz`` (every driver's socket listens and every tenant's
+  Ceph connection answers), each readiness answer a JSON body saying what is wrong.
+- On ``state_dir/control.sock`` (root only): ``/status``, the daemon's own view
+  for ``rbdplugin status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from rbdplugin.errors import NotFound, RbdPluginError
+from rbdplugin.service import VolumeService
+
+PROBE_SECONDS = 3.0
+Readiness = Callable[[], Awaitable[dict[str, Any]]]
+Status = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class CephProbe:
+    """Asks a tenant's Ceph connection for one cheap OSD answer; one probe in flight."""
+
+    def __init__(self, service: VolumeService) -> None:
+        self.service = service
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self) -> str:
+        """ "up", or what is wrong."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._probe())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), PROBE_SECONDS)
+        except TimeoutError:
+            return f"down: no answer from Ceph within {PROBE_SECONDS:.0f} s"
+        except RbdPluginError as exc:
+            return f"down: {exc}"
+        return "up"
+
+    async def _probe(self) -> None:
+        client = self.service.attacher.leases.client
+        with contextlib.suppress(NotFound):  # an OSD answered: that is all a probe asks
+            await client.run(
+                self.service.tenant.pool, "probing Ceph", lambda io: io.stat("rbdplugin.probe")
+            )
+
+
+def socket_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _json(data: dict[str, Any], status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, indent=1), status=status, content_type="application/json"
+    )
+
+
+def metrics_app(registry: CollectorRegistry, readiness: Readiness) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        report = await readiness()
+        return _json(report, 200 if report["ready"] else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def control_app(status: Status) -> web.Application:
+    async def handler(_: web.Request) -> web.Response:
+        return _json(await status())
+
+    app = web.Application()
+    app.router.add_get("/status", handler)
+    return app
