@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # the fuse mapper's tools, filesystems, and the venv module for Debian's python.
 APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-venv \
 	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl \
-	docker.io busybox-static
+	docker.io busybox-static prometheus
 
 .PHONY: setup run test lint unit clean
 setup: $(STAMP)
