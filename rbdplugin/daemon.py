@@ -61,7 +61,7 @@ def bind_unix(path: Path) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise ConfigError(f"{path} exists and is not a socket; remove it or change socket_dir")
-        if _answers(path):
+        if socket_answers(path):
             raise ConfigError(f"another process already serves {path}; stop it first")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -71,18 +71,6 @@ def bind_unix(path: Path) -> socket.socket:
     finally:
         os.umask(old)
     return sock
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 @dataclass

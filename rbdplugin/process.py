@@ -193,19 +193,12 @@ def pid_cmdline(pid: int) -> list[str]:
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> bool:
-    """SIGTERM ``pid``, then SIGKILL after ``timeout``; True once it is gone."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return True
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            _reap(pid)
-            if not pid_alive(pid):
-                return True
-            time.sleep(0.05)
-    return not pid_alive(pid)
+    """SIGTERM ``pid``, then SIGKILL after ``timeout``; True once it is gone.
+
+    For synchronous callers only (the CLI, the dev cluster); the daemon awaits
+    :func:`stop_pid_async`.
+    """
+    return asyncio.run(stop_pid_async(pid, timeout))
 
 
 def _reap(pid: int) -> None:
