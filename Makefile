@@ -15,7 +15,7 @@ APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-
 	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl \
 	docker.io busybox-static prometheus
 
-.PHONY: setup run test lint unit clean
+.PHONY: setup run test lint unit bench clean
 setup: $(STAMP)
 	@scripts/ensure-apt $(APT_PACKAGES)
 
@@ -34,8 +34,8 @@ run: setup
 	fi
 
 lint: setup
-	$(VENV)/bin/ruff check rbdplugin tests
-	$(VENV)/bin/ruff format --check rbdplugin tests
+	$(VENV)/bin/ruff check rbdplugin tests bench
+	$(VENV)/bin/ruff format --check rbdplugin tests bench
 	$(VENV)/bin/mypy
 
 test: setup lint
@@ -43,6 +43,10 @@ test: setup lint
 
 unit: setup
 	$(VENV)/bin/pytest -m 'not ceph' $(PYTEST_ARGS)
+
+# Performance targets live here, not in the (untimed) tests.
+bench: setup
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
