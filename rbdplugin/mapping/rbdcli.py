@@ -1,0 +1,97 @@
+"""Mappers driven by ``rbd device map`` / ``unmap`` (krbd and rbd-nbd).
+
+The flow is the same for both: run the map command under the deadline, translate
+its failure into an actionable error, then find the device the kernel made in
+sysfs; unmapping refuses politely when the device is still in use. Subclasses say
+how to build the command and where their devices show up.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+
+from rbdplugin.errors import CephUnavailable, PermissionDenied, ProcessError, VolumeBusy
+from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable
+from rbdplugin.process import Command, Runner
+
+
+class RbdDeviceMapper(ABC):
+    name: str
+
+    def __init__(self, runner: Runner, host: HostPaths, timeout: float) -> None:
+        self.runner = runner
+        self.host = host
+        self.timeout = timeout
+
+    @abstractmethod
+    def map_command(self, image: ImageRef, read_only: bool = False) -> list[str]: ...
+
+    @abstractmethod
+    def unmap_command(self, mapped: MappedDevice) -> list[str]: ...
+
+    @abstractmethod
+    def still_mapped(self, mapped: MappedDevice) -> bool: ...
+
+    @abstractmethod
+    async def find(self, image: ImageRef) -> MappedDevice | None: ...
+
+    def map_error(self, image: ImageRef, output: str) -> Exception:
+        return translate_map_error(image, output)
+
+    async def map(self, image: ImageRef, read_only: bool = False) -> MappedDevice:
+        try:
+            await self.runner(Command(self.map_command(image, read_only), timeout=self.timeout))
+        except ProcessError as exc:
+            raise self.map_error(image, exc.output) from exc
+        found = await self.find(image)
+        if found is None:
+            raise ProcessError(f"{self.name} mapped {image.spec} but no device shows it")
+        return found
+
+    async def unmap(self, mapped: MappedDevice) -> None:
+        if not mapped.device or not self.still_mapped(mapped):
+            return
+        try:
+            await self.runner(Command(self.unmap_command(mapped), timeout=self.timeout))
+        except ProcessError as exc:
+            if "(16)" in exc.output or "busy" in exc.output.lower():
+                raise VolumeBusy(
+                    f"cannot unmap {mapped.device} ({mapped.image}): the device is still in use"
+                ) from exc
+            raise
+
+
+_SUGGESTION = re.compile(r'"(rbd feature disable [^"]+)"')
+
+
+def translate_map_error(image: ImageRef, output: str) -> Exception:
+    """``rbd device map`` failures as actionable errors, never "exit status 2"."""
+    if "Module rbd not found" in output or ("modprobe" in output and "(2)" in output):
+        return MapperUnavailable(
+            f"cannot map {image.spec}: this kernel has no rbd module; "
+            'set [daemon] mapper = "nbd" or "fuse", or install a kernel with rbd'
+        )
+    if "feature set mismatch" in output or "unsupported features" in output:
+        fix = _SUGGESTION.search(output)
+        how = fix.group(1) if fix else f"rbd feature disable {image.spec} <features>"
+        return MapperUnavailable(
+            f"cannot map {image.spec}: the kernel does not support some of the image's features; "
+            f"disable them with `{how}`, or create volumes with "
+            "--opt features=layering,exclusive-lock"
+        )
+    if "(1) Operation not permitted" in output or "(13) Permission denied" in output:
+        return PermissionDenied(
+            f"cannot map {image.spec} as client.{image.user}: permission denied (check the "
+            "tenant's caps, and whether this host's address is blocklisted: ceph osd blocklist ls)"
+        )
+    if "(16) Device or resource busy" in output:
+        return VolumeBusy(f"cannot map {image.spec}: the image is held exclusively elsewhere")
+    if "(110)" in output or "timed out" in output:
+        return CephUnavailable(
+            f"cannot map {image.spec}: Ceph did not answer (connection timed out)"
+        )
+    last = [line for line in output.splitlines() if line.strip()]
+    return ProcessError(
+        f"rbd device map {image.spec} failed: {last[-1] if last else 'no output'}", output=output
+    )
