@@ -29,6 +29,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -96,6 +97,10 @@ class LeaseDoc:
             writer=Claim.from_json(writer) if writer else None,
             readers={h: Claim.from_json(c) for h, c in data.get("readers", {}).items()},
         )
+
+
+# Turns the lease as read into the lease to write; None leaves it as it is.
+Change = Callable[[LeaseDoc], Awaitable[LeaseDoc | None]]
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ class Leases:
 
         return await self.client.run_private(pool, f"updating the lease of {image!r}", write)
 
-    async def _update(self, pool: str, image: str, change: Any) -> LeaseDoc:
+    async def _update(self, pool: str, image: str, change: Change) -> LeaseDoc:
         """Read, ``await change(doc)`` into a new doc, write it guarded; retry on a race."""
         for _ in range(CAS_ATTEMPTS):
             doc, version = await self.read(pool, image)

@@ -22,7 +22,7 @@ from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
 from rbdplugin.ceph import CephClient, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import Conflict, InvalidArgument, NotFound, VolumeBusy
-from rbdplugin.spec import NAME_MAX, CreateRequest, VolumeSpec, validate_name
+from rbdplugin.spec import CreateRequest, VolumeSpec, validate_name
 
 META = "rbdplugin."
 # Never store an empty metadata value: python-rbd's metadata_list() drops empty
@@ -309,8 +309,6 @@ def _write_metadata(image: rbd.Image, values: Mapping[str, str | None]) -> None:
 
 
 def _is_volume_name(name: str) -> bool:
-    if len(name) > NAME_MAX:
-        return False
     try:
         validate_name(name)
     except InvalidArgument:
