@@ -1,8 +1,12 @@
 """The one place rbdplugin runs other programs.
 
 Quiet on success, the full (redacted) output on failure, every call under a
-deadline, and on timeout the child's whole process group is killed. Callers that
-must be testable take a :class:`Runner` and tests hand in a fake at this boundary.
+deadline, and on timeout the child's whole process group is killed. A child that
+survives SIGKILL (stuck in the kernel, e.g. I/O to a dead cluster) is reported and
+left to a background reaper: the caller still gets its error at the deadline.
+Every program runs with ``LC_ALL=C`` because callers parse its messages.
+Callers that must be testable take a :class:`Runner` and tests hand in a fake at
+this boundary.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ log = logging.getLogger(__name__)
 # cephx keys are base64 of 28 bytes (40 chars, '==' padded); never let one reach a log.
 _KEY_RE = re.compile(r"[A-Za-z0-9+/]{38}==")
 OUTPUT_TAIL = 2000
+# How long a SIGKILLed child may take to go; longer means it is stuck in the kernel.
+KILL_GRACE = 3.0
+# Killed children still stuck in the kernel, reaped in the background when they go.
+_abandoned: set[asyncio.Task[int]] = set()
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
@@ -87,17 +95,64 @@ def _last_line(output: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _timed_out(command: Command) -> DeadlineExceeded:
+def _timed_out(command: Command, stuck: str = "") -> DeadlineExceeded:
     what = _describe(command.argv, command.secrets)
     log.warning("command killed after %.0f s: %s", command.timeout, what)
+    killed = f"killed it, but {stuck}" if stuck else "killed it"
     return DeadlineExceeded(
-        f"{command.argv[0]} did not finish within {command.timeout:.0f} s; killed it"
+        f"{command.argv[0]} did not finish within {command.timeout:.0f} s; {killed}"
     )
 
 
 def _kill_group(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def environment(env: Mapping[str, str] | None) -> dict[str, str]:
+    """The child's environment: ``env`` (default: ours) with English messages."""
+    merged = dict(os.environ if env is None else env)
+    merged["LC_ALL"] = "C"
+    return merged
+
+
+def kernel_wait(pid: int) -> str:
+    """Where ``pid`` waits, for a report: its state letter and kernel wait channel."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip() or "?"
+    except OSError:
+        wchan = "?"
+    return f"state {state}, in {wchan}"
+
+
+async def _reap_or_abandon(proc: asyncio.subprocess.Process, command: Command) -> str:
+    """Wait briefly for a killed child; return "" once it is gone, else a report of it.
+
+    A child in uninterruptible sleep ignores SIGKILL until the kernel lets go (krbd or
+    a FUSE export waiting on dead OSDs): waiting for it would hang the caller forever.
+    """
+    waiting = asyncio.ensure_future(proc.wait())
+    try:
+        await asyncio.wait_for(asyncio.shield(waiting), KILL_GRACE)
+        return ""
+    except TimeoutError:
+        _abandoned.add(waiting)
+        waiting.add_done_callback(_abandoned.discard)
+        report = (
+            f"pid {proc.pid} ({_describe(command.argv, command.secrets)[:200]}) did not die "
+            f"after SIGKILL: it is stuck in the kernel ({kernel_wait(proc.pid)}); left behind"
+        )
+        log.error("%s", report)
+        return report
+
+
+def stuck_children() -> int:
+    """How many killed children are still stuck in the kernel."""
+    return len(_abandoned)
 
 
 async def run(command: Command) -> Completed:
@@ -110,7 +165,7 @@ async def run(command: Command) -> Completed:
             else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env=dict(command.env) if command.env is not None else None,
+            env=environment(command.env),
             start_new_session=True,
         )
     except FileNotFoundError as exc:
@@ -120,10 +175,10 @@ async def run(command: Command) -> Completed:
         out, err = await asyncio.wait_for(proc.communicate(data), command.timeout)
     except (TimeoutError, asyncio.CancelledError) as exc:
         _kill_group(proc.pid)
-        await proc.wait()
+        stuck = await _reap_or_abandon(proc, command)
         if isinstance(exc, asyncio.CancelledError):
             raise
-        raise _timed_out(command) from exc
+        raise _timed_out(command, stuck) from exc
     return _result(
         command, proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
     )
@@ -137,7 +192,7 @@ def run_sync(command: Command) -> Completed:
             stdin=subprocess.PIPE if command.input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=dict(command.env) if command.env is not None else None,
+            env=environment(command.env),
             start_new_session=True,
             text=True,
         )
@@ -147,7 +202,12 @@ def run_sync(command: Command) -> Completed:
         out, err = proc.communicate(command.input, timeout=command.timeout)
     except subprocess.TimeoutExpired as exc:
         _kill_group(proc.pid)
-        proc.communicate()
+        try:
+            proc.wait(KILL_GRACE)
+        except subprocess.TimeoutExpired:
+            stuck = f"pid {proc.pid} did not die after SIGKILL ({kernel_wait(proc.pid)})"
+            log.error("%s: %s", _describe(command.argv, command.secrets)[:200], stuck)
+            raise _timed_out(command, stuck) from exc
         raise _timed_out(command) from exc
     return _result(command, proc.returncode, out, err)
 
@@ -166,7 +226,7 @@ def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = N
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
-                env=dict(env) if env is not None else None,
+                env=environment(env),
                 start_new_session=True,
             )
         except FileNotFoundError as exc:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rbdplugin.errors import DeadlineExceeded, ProcessError
 from rbdplugin.process import (
+    KILL_GRACE,
     Command,
     pid_alive,
     redact,
@@ -19,6 +22,7 @@ from rbdplugin.process import (
     run_sync,
     spawn,
     stop_pid,
+    stuck_children,
 )
 
 KEY = "AQBkM0hnAAAAABAAm3tnDWFRr8ymYfb5kPJ0vA=="
@@ -126,3 +130,75 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
 def test_pid_alive_for_missing_pid() -> None:
     assert not pid_alive(2**22 + 12345)
     assert pid_alive(os.getpid())
+
+
+def test_every_program_runs_with_english_messages(tmp_path: Path) -> None:
+    # Tools' messages are parsed ("No such device", "busy"): a German host must not change them.
+    german = {**os.environ, "LANG": "de_DE.UTF-8", "LC_ALL": "de_DE.UTF-8", "LC_MESSAGES": "de"}
+    probe = ["sh", "-c", "echo $LC_ALL"]
+    assert run_sync(Command(probe, timeout=5, env=german)).stdout == "C\n"
+    assert asyncio.run(run(Command(probe, timeout=5, env=german))).stdout == "C\n"
+    os.environ["LC_ALL"] = "de_DE.UTF-8"  # the daemon's own environment, inherited by default
+    try:
+        assert run_sync(Command(probe, timeout=5)).stdout == "C\n"
+        out = tmp_path / "spawned.out"
+        pid = spawn(probe, out)
+        while pid_alive(pid):
+            time.sleep(0.02)
+        assert out.read_text() == "C\n"
+    finally:
+        del os.environ["LC_ALL"]
+
+
+@pytest.fixture
+def slow_fuse_file(tmp_path: Path) -> Iterator[Path]:
+    """A FUSE file whose reads take 8 s in its server: a reader of it sits in
+    uninterruptible sleep and survives SIGKILL until the server answers (as a reader of
+    a krbd device or FUSE export does while the OSDs are dead)."""
+    export = tmp_path / "slow"
+    export.touch()
+    server = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev",
+         "driver=null-co,node-name=n0,size=1048576,latency-ns=8000000000",
+         "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={export},writable=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while f" {export} " not in Path("/proc/self/mountinfo").read_text():
+        assert server.poll() is None and time.monotonic() < deadline, "no FUSE export"
+        time.sleep(0.02)
+    yield export
+    server.terminate()
+    server.wait(30)
+
+
+def test_a_child_stuck_in_the_kernel_is_reported_not_awaited(
+    slow_fuse_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader = ["dd", f"if={slow_fuse_file}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"]
+
+    async def scenario() -> tuple[float, int]:
+        ticks = 0
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.1)
+                ticks += 1
+
+        beat = asyncio.create_task(heartbeat())
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="stuck in the kernel") as err:
+            await run(Command(reader, timeout=1))
+        elapsed = time.monotonic() - started
+        assert "did not finish within 1 s" in str(err.value)
+        assert stuck_children() == 1
+        while stuck_children():  # reaped in the background once the server answers
+            await asyncio.sleep(0.1)
+        beat.cancel()
+        return elapsed, ticks
+
+    elapsed, ticks = asyncio.run(scenario())
+    assert elapsed < 1 + KILL_GRACE + 1.5  # not the server's 8 s
+    assert ticks >= 10  # the event loop kept running meanwhile
+    assert "stuck in the kernel (state D" in caplog.text
