@@ -81,6 +81,9 @@ class TenantConfig:
     trash_delay: int = 0
     auto_create: bool = True
     takeover: Takeover = "auto"
+    # Volume mounts get nosuid,nodev; False is an explicit opt-out for tenants whose
+    # volumes need setuid binaries or device nodes.
+    nosuid_nodev: bool = True
 
     @property
     def pools(self) -> tuple[str, ...]:
@@ -176,6 +179,7 @@ _TENANT_TYPES: dict[str, type | tuple[type, ...]] = {
     "trash_delay": (str, int),
     "auto_create": bool,
     "takeover": str,
+    "nosuid_nodev": bool,
 }
 
 
@@ -315,6 +319,7 @@ def _tenant(name: str, table: Mapping[str, Any]) -> TenantConfig:
             trash_delay=parse_duration(t.get("trash_delay", 0), f"{where}.trash_delay"),
             auto_create=t.get("auto_create", True),
             takeover=_takeover(t.get("takeover", "auto"), where),
+            nosuid_nodev=t.get("nosuid_nodev", True),
         )
     except InvalidArgument as exc:
         raise ConfigError(str(exc)) from exc
@@ -379,19 +384,32 @@ def _optional_size(value: str, key: str) -> int:
 
 def _check_unique(tenants: tuple[TenantConfig, ...]) -> None:
     seen: dict[str, str] = {}
-    homes: dict[tuple[str, str], str] = {}
     for tenant in tenants:
-        home = (tenant.pool, tenant.namespace)
-        if home in homes:
-            raise ConfigError(
-                f"tenants.{tenant.name} uses pool {tenant.pool!r} namespace "
-                f"{tenant.namespace!r}, already the home of tenants.{homes[home]}: "
-                "tenants must not share a pool and namespace"
-            )
-        homes[home] = tenant.name
         if tenant.driver in seen:
             raise ConfigError(
                 f"tenants.{tenant.name}.driver {tenant.driver!r} is already used by "
                 f"tenants.{seen[tenant.driver]}: each tenant needs its own driver name"
             )
         seen[tenant.driver] = tenant.name
+    _check_disjoint(tenants)
+
+
+def _check_disjoint(tenants: tuple[TenantConfig, ...]) -> None:
+    """No two tenants may reach one pool in one namespace (pool or allowed_pools).
+
+    A tenant lists, mounts and removes every volume in its pools, so a shared
+    pool and namespace would hand one tenant's volumes to the other.
+    """
+    for index, first in enumerate(tenants):
+        for second in tenants[index + 1 :]:
+            if first.namespace != second.namespace:
+                continue
+            shared = [pool for pool in first.pools if pool in second.pools]
+            if shared:
+                where = f"namespace {first.namespace!r}" if first.namespace else "no namespace"
+                raise ConfigError(
+                    f"tenants.{first.name} and tenants.{second.name} both use pool "
+                    f"{shared[0]!r} in {where} (as pool or in allowed_pools): they could "
+                    "list, mount and remove each other's volumes. Tenants must not share "
+                    "a pool and namespace: give each its own pools, or its own namespace"
+                )

@@ -3,14 +3,23 @@
 Pure logic, no I/O: volume names, ``--opt`` options of ``docker volume create``,
 image features, mkfs and mount options. Every rejection names the volume, the
 bad value and the valid choices.
+
+mkfs options are an allowlist per filesystem: every word is an allowed flag or
+that flag's value, and every value is checked. mke2fs and mkfs.xfs have flags
+that read host paths (``-d DIR``, ``-l FILE``, ``-p PROTOFILE``, ``-c options=``),
+write host files (``-z FILE``), use other devices (``-J device=``, ``-l logdev=``,
+``-d name=``), scan for bad blocks (``-c``) or leave the device unformatted
+(``-n``, ``-N``); none of them is on a list. A word that is neither flag nor value
+would be taken by getopt as mkfs's device argument, so it is refused too.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from rbdplugin.errors import InvalidArgument
 from rbdplugin.units import MiB, format_size, parse_size
@@ -41,7 +50,7 @@ OPTIONS: dict[str, str] = {
     "fstype": "|".join(FSTYPES),
     "pool": "a pool this tenant may use",
     "features": "comma-separated RBD features",
-    "mkfs-options": "extra mkfs arguments",
+    "mkfs-options": "extra mkfs flags from the filesystem's allowlist",
     "mount-options": "comma-separated mount options",
     "source": "an existing volume this one is a read-only companion of",
     "access": "rw, or ro with source=",
@@ -60,7 +69,6 @@ MOUNT_OPTIONS = frozenset(
     }
 )  # fmt: skip
 _MOUNT_OPTION_RE = re.compile(r"^([a-z_]+)(?:=([A-Za-z0-9_.:-]+))?$")
-_MKFS_TOKEN_RE = re.compile(r"^[A-Za-z0-9_=,.:+-]+$")
 MKFS_TOKENS_MAX = 32
 
 
@@ -137,7 +145,7 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
         fstype=fstype,
         pool=_pool(name, options.get("pool", defaults.pool), defaults.pools),
         features=_features(name, options, defaults.features),
-        mkfs_options=parse_mkfs_options(name, options.get("mkfs-options", "")),
+        mkfs_options=parse_mkfs_options(name, options.get("mkfs-options", ""), fstype),
         mount_options=parse_mount_options(name, options.get("mount-options", "")),
         **_companion(name, options),
     )
@@ -241,29 +249,288 @@ def parse_features(items: Iterable[str]) -> tuple[str, ...]:
     return tuple(f for f in FEATURES if f in wanted)
 
 
-def parse_mkfs_options(name: str, text: str) -> tuple[str, ...]:
+# -- mkfs options ------------------------------------------------------------------------
+
+
+class _Value(Protocol):
+    """What one flag (or sub-option) accepts as its value."""
+
+    @property
+    def help(self) -> str: ...
+
+    def problem(self, value: str) -> str | None:
+        """Why ``value`` is refused, or None when it is fine."""
+
+
+@dataclass(frozen=True)
+class _Choice:
+    choices: tuple[str, ...]
+
+    @property
+    def help(self) -> str:
+        return "|".join(self.choices)
+
+    def problem(self, value: str) -> str | None:
+        return None if value in self.choices else f"{shown(value)} is not one of {self.help}"
+
+
+_BOOL = _Choice(("0", "1"))
+_POWERS_OF_TWO = tuple(str(2**n) for n in range(10, 17))  # 1024 ... 65536
+
+
+@dataclass(frozen=True)
+class _Int:
+    low: int
+    high: int
+
+    @property
+    def help(self) -> str:
+        return f"{self.low}-{self.high}"
+
+    def problem(self, value: str) -> str | None:
+        # Decimal digits only: no sign, no 0x, no suffix that mkfs would read differently.
+        if not (value.isascii() and value.isdigit() and len(value) <= 12):
+            return f"{shown(value)} is not a whole number {self.help}"
+        if not self.low <= int(value) <= self.high:
+            return f"{shown(value)} is not in {self.help}"
+        return None
+
+
+_SIZE_RE = re.compile(r"^([0-9]{1,10})([kmgKMG]?)$")
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+@dataclass(frozen=True)
+class _Size:
+    """An mkfs.xfs size in bytes: a decimal number with an optional k, m or g."""
+
+    low: int
+    high: int
+
+    @property
+    def help(self) -> str:
+        return f"SIZE ({format_size(self.low)}-{format_size(self.high)}, e.g. 64k, 128m)"
+
+    def problem(self, value: str) -> str | None:
+        match = _SIZE_RE.match(value)
+        if not match:
+            return f"{shown(value)} is not a size such as 64k, 128m or 1g"
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+        if not self.low <= size <= self.high:
+            return f"{shown(value)} is not in {format_size(self.low)}-{format_size(self.high)}"
+        return None
+
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class _Label:
+    max_length: int
+
+    @property
+    def help(self) -> str:
+        return f"LABEL (1-{self.max_length} of A-Z a-z 0-9 _ . -)"
+
+    def problem(self, value: str) -> str | None:
+        if len(value) > self.max_length or not _LABEL_RE.match(value):
+            return f"{shown(value)} is not a label: {self.help}"
+        return None
+
+
+_ID = _Int(0, 2**32 - 2)  # (uid_t)-1 means "no change" to the kernel
+
+
+@dataclass(frozen=True)
+class _Owner:
+    @property
+    def help(self) -> str:
+        return "UID:GID"
+
+    def problem(self, value: str) -> str | None:
+        uid, sep, gid = value.partition(":")
+        if not sep or _ID.problem(uid) or _ID.problem(gid):
+            return f"{shown(value)} is not UID:GID, two numbers {_ID.help}"
+        return None
+
+
+@dataclass(frozen=True)
+class _Names:
+    """A list of names from a fixed set; with ``negatable``, each may be turned off with ^."""
+
+    metavar: str
+    names: tuple[str, ...]
+    separator: str = ","
+    negatable: bool = False
+
+    @property
+    def help(self) -> str:
+        item = f"[^]{self.metavar}" if self.negatable else self.metavar
+        return f"{item}{self.separator}..."
+
+    def problem(self, value: str) -> str | None:
+        for item in value.split(self.separator):
+            name = item[1:] if self.negatable and item.startswith("^") else item
+            if name not in self.names:
+                return f"{shown(item)} is not allowed; valid: {', '.join(self.names)}"
+        return None
+
+
+@dataclass(frozen=True)
+class _SubOptions:
+    """Comma-separated sub-options, each from its own allowlist; None: a bare keyword.
+
+    ``together``: sub-options that mkfs accepts only with each other.
+    """
+
+    options: Mapping[str, _Value | None]
+    together: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def help(self) -> str:
+        return ",".join(k if v is None else f"{k}={v.help}" for k, v in self.options.items())
+
+    def problem(self, value: str) -> str | None:
+        seen: set[str] = set()
+        for item in value.split(","):
+            key, sep, sub_value = item.partition("=")
+            if key not in self.options:
+                return f"sub-option {shown(item)} is not allowed"
+            if key in seen:  # mkfs.xfs refuses a respecified sub-option
+                return f"sub-option {shown(item)} is given twice"
+            seen.add(key)
+            spec = self.options[key]
+            if spec is None and sep:
+                return f"sub-option {shown(item)} takes no value; use {key}"
+            if spec is not None:
+                problem = spec.problem(sub_value) if sep else "needs a value"
+                if problem:
+                    return f"sub-option {shown(item)}: {problem}; use {key}={spec.help}"
+        for group in self.together:
+            given = [item for item in value.split(",") if item.partition("=")[0] in group]
+            if given and len(given) < len(group):
+                return f"sub-option {shown(given[0])} needs {' and '.join(group)} together"
+        return None
+
+
+# Not journal_dev: the image would become an external journal, never mountable.
+EXT4_FEATURES = (
+    "64bit", "bigalloc", "casefold", "dir_index", "dir_nlink", "ea_inode", "encrypt",
+    "ext_attr", "extent", "extra_isize", "fast_commit", "filetype", "flex_bg", "has_journal",
+    "huge_file", "inline_data", "large_dir", "large_file", "metadata_csum",
+    "metadata_csum_seed", "meta_bg", "mmp", "orphan_file", "project", "quota", "resize_inode",
+    "sparse_super", "sparse_super2", "stable_inodes", "uninit_bg", "verity",
+)  # fmt: skip
+EXT4_USAGE_TYPES = ("small", "default", "big", "huge", "news", "largefile", "largefile4")
+_BLOCK_SIZES = ("1024", "2048", "4096")  # the kernel mounts only blocks up to the page size
+
+# Flag -> its value (None: a flag without value). Everything else is refused.
+MKFS_FLAGS: dict[str, dict[str, _Value | None]] = {
+    "ext4": {
+        "-b": _Choice(_BLOCK_SIZES),
+        "-E": _SubOptions({
+            "root_owner": _Owner(),
+            "stride": _Int(1, 2**30),
+            "stripe_width": _Int(1, 2**30),
+            "lazy_itable_init": _BOOL,
+            "lazy_journal_init": _BOOL,
+            "discard": None,
+            "nodiscard": None,
+            "resize": _Int(1, 2**32 - 1),
+            "quotatype": _Names("TYPE", ("usrquota", "grpquota", "prjquota"), separator=":"),
+        }),
+        "-I": _Choice(("128", "256", "512", "1024")),
+        "-i": _Int(1024, 64 * MiB),
+        "-J": _SubOptions({"size": _Int(1, 102400)}),  # MiB; never device=
+        "-L": _Label(16),
+        "-m": _Int(0, 50),
+        "-N": _Int(1, 2**32 - 1),
+        "-O": _Names("FEATURE", EXT4_FEATURES, negatable=True),
+        "-T": _Names("TYPE", EXT4_USAGE_TYPES),
+    },
+    "xfs": {
+        "-b": _SubOptions({"size": _Choice(_BLOCK_SIZES)}),
+        "-m": _SubOptions({
+            name: _BOOL for name in ("crc", "reflink", "bigtime", "finobt", "rmapbt", "inobtcount")
+        }),
+        "-i": _SubOptions({"size": _Choice(("256", "512", "1024", "2048"))}),
+        "-L": _Label(12),
+        # mkfs.xfs 6.1 makes logs of 64M-2038M; always internal, never logdev=.
+        "-l": _SubOptions({"size": _Size(64 * MiB, 2038 * MiB)}),
+        "-d": _SubOptions(  # never file=, name= or size=
+            {"su": _Size(512, 256 * MiB), "sw": _Int(1, 256), "agcount": _Int(1, 65536)},
+            together=(("su", "sw"),),
+        ),
+        "-n": _SubOptions({"size": _Choice(_POWERS_OF_TWO)}),
+        "-K": None,
+    },
+}  # fmt: skip
+
+
+def mkfs_flags_help(fstype: str) -> str:
+    """The allowed mkfs flags of ``fstype``, as an error message lists them."""
+    return "; ".join(
+        flag if value is None else f"{flag} {value.help}"
+        for flag, value in MKFS_FLAGS[fstype].items()
+    )
+
+
+def parse_mkfs_options(name: str, text: str, fstype: str) -> tuple[str, ...]:
+    """Validate the ``mkfs-options`` of a volume of ``fstype``; the words as written."""
     try:
-        tokens = shlex.split(text)
+        words = shlex.split(text)
     except ValueError as exc:
         raise InvalidArgument(
             f"volume {shown(name)}: mkfs-options cannot be parsed: {exc}"
         ) from exc
-    if len(tokens) > MKFS_TOKENS_MAX:
+    return check_mkfs_words(name, fstype, words)
+
+
+def check_mkfs_words(name: str, fstype: str, words: Sequence[str]) -> tuple[str, ...]:
+    """Refuse any word that is not an allowed flag of ``fstype`` or a valid value of one.
+
+    A value may be attached (``-m0``) or the next word (``-m 0``): both are what
+    getopt reads. Each flag at most once (mke2fs keeps only the last ``-E``).
+    """
+    if len(words) > MKFS_TOKENS_MAX:
         raise InvalidArgument(
-            f"volume {shown(name)}: mkfs-options has {len(tokens)} words; at most {MKFS_TOKENS_MAX}"
+            f"volume {shown(name)}: mkfs-options has {len(words)} words; at most {MKFS_TOKENS_MAX}"
         )
-    for token in tokens:
-        # No '/' at all: an option must never be able to name a device or a file.
-        if not _MKFS_TOKEN_RE.match(token):
-            raise InvalidArgument(
-                f"volume {shown(name)}: mkfs-options word {shown(token)} is not allowed; "
-                "use letters, digits and _ = , . : + - (no paths)"
+    flags = MKFS_FLAGS[fstype]
+
+    def refuse(problem: str) -> InvalidArgument:
+        return InvalidArgument(
+            f"volume {shown(name)}: mkfs-options {problem}; "
+            f"allowed flags for {fstype}: {mkfs_flags_help(fstype)}"
+        )
+
+    given: set[str] = set()
+    rest = iter(words)
+    for word in rest:
+        flag = word[:2]
+        if len(word) < 2 or word[0] != "-" or word[1] == "-":
+            raise refuse(f"word {shown(word)} is not a flag")
+        if flag not in flags:
+            shown_flag = shown(flag if len(word) == 2 else word)
+            raise refuse(f"word {shown_flag} is not an allowed flag for {fstype}")
+        if flag in given:
+            raise refuse(
+                f"word {shown(word)} repeats {flag}: give it once, sub-options joined by ','"
             )
-    if tokens and not tokens[0].startswith("-"):
-        raise InvalidArgument(
-            f"volume {shown(name)}: mkfs-options must start with an option such as -m0"
-        )
-    return tuple(tokens)
+        given.add(flag)
+        spec = flags[flag]
+        if spec is None:
+            if len(word) > 2:
+                raise refuse(f"word {shown(word)}: {flag} takes no value")
+            continue
+        value = word[2:] if len(word) > 2 else next(rest, None)
+        if value is None:
+            raise refuse(f"flag {shown(flag)} needs a value: {flag} {spec.help}")
+        problem = spec.problem(value)
+        if problem:
+            subject = flag if isinstance(spec, _SubOptions) else f"{flag} value"
+            raise refuse(f"{subject} {problem}")
+    return tuple(words)
 
 
 def parse_mount_options(name: str, text: str) -> tuple[str, ...]:

@@ -29,6 +29,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert tenant.features == DEFAULT_FEATURES
     assert tenant.remove_policy == "trash"
     assert tenant.auto_create is True
+    assert tenant.nosuid_nodev is True
     assert config.daemon.socket_dir == Path("/run/docker/plugins")
     assert config.daemon.mapper == "auto"
     assert config.daemon.op_timeout == 25
@@ -60,6 +61,7 @@ def test_example_config_is_valid() -> None:
         ("[tenants.rbd]\nmax_volumes = -1\n", r"max_volumes -1 must be 0"),
         ("[tenants.rbd]\nmax_volumes = 'ten'\n", r"tenants.rbd.max_volumes must be an integer"),
         ("[tenants.rbd]\nauto_create = 1\n", r"auto_create must be true or false"),
+        ("[tenants.rbd]\nnosuid_nodev = 'no'\n", r"tenants.rbd.nosuid_nodev must be true or false"),
         ("[tenants.rbd]\npool = 'a b'\n", r"tenants.rbd.pool 'a b' must be letters"),
         ("[tenants.Bad]\n", r"tenant names must match"),
         ("[tenants.a]\n[tenants.b]\ndriver = 'a'\n", r"driver 'a' is already used by tenants.a"),
@@ -108,3 +110,53 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "[tenants.rbd]\n"), environ={})
     with pytest.raises(AttributeError):
         config.daemon.host_id = "other"  # type: ignore[misc]
+
+
+def test_nosuid_nodev_can_be_turned_off_per_tenant(tmp_path: Path) -> None:
+    text = "[tenants.a]\nnosuid_nodev = false\n[tenants.b]\n"
+    config = load_config(write(tmp_path, text), environ={})
+    assert config.tenant("a").nosuid_nodev is False
+    assert config.tenant("b").nosuid_nodev is True
+
+
+def test_example_config_documents_nosuid_nodev() -> None:
+    text = EXAMPLE.read_text()
+    assert "nosuid_nodev = true" in text
+    assert "explicit opt-out" in text
+
+
+# -- tenants must not reach each other's volumes (issue 9, item 11) ---------------------------
+
+OVERLAPS = [
+    # (config, the two tenants, the shared pool)
+    ("[tenants.a]\npool = 'p'\n[tenants.b]\npool = 'q'\nallowed_pools = ['p']\n", "a", "b", "p"),
+    ("[tenants.a]\npool = 'p'\nallowed_pools = ['q']\n[tenants.b]\npool = 'q'\n", "a", "b", "q"),
+    ("[tenants.a]\npool = 'p'\nallowed_pools = ['s']\n[tenants.b]\npool = 'q'\nallowed_pools = ['s']\n",
+     "a", "b", "s"),
+    ("[tenants.a]\npool = 'p'\nnamespace = 'n'\n[tenants.b]\npool = 'q'\nnamespace = 'n'\n"
+     "allowed_pools = ['p']\n", "a", "b", "p"),
+    ("[tenants.a]\npool = 'p'\n[tenants.b]\npool = 'p'\n", "a", "b", "p"),
+    ("[tenants.x]\npool = 'x'\n[tenants.a]\npool = 'p'\n[tenants.c]\npool = 'c'\n"
+     "allowed_pools = ['p', 'x2']\n", "a", "c", "p"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "first", "second", "pool"), OVERLAPS)
+def test_tenants_with_overlapping_pools_are_refused(
+    tmp_path: Path, text: str, first: str, second: str, pool: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), environ={})
+    message = str(err.value)
+    assert f"tenants.{first} and tenants.{second} both use pool {pool!r}" in message
+    assert "list, mount and remove each other's volumes" in message
+
+
+def test_tenants_in_their_own_namespaces_may_share_every_pool(tmp_path: Path) -> None:
+    text = (
+        "[tenants.a]\npool = 'p'\nnamespace = 'a'\nallowed_pools = ['s']\n"
+        "[tenants.b]\npool = 's'\nnamespace = 'b'\nallowed_pools = ['p']\n"
+        "[tenants.c]\npool = 'p'\nallowed_pools = ['s']\n"
+    )
+    config = load_config(write(tmp_path, text), environ={})
+    assert [t.pools for t in config.tenants] == [("p", "s"), ("s", "p"), ("p", "s")]

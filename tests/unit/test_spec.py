@@ -97,7 +97,7 @@ def test_create_with_every_option() -> None:
             "fstype": "xfs",
             "pool": "shared",
             "features": "layering,exclusive-lock,object-map",
-            "mkfs-options": "-m 0 -E root_owner=1000:1000",
+            "mkfs-options": "-m reflink=0 -L data",
             "mount_options": "noatime,discard",
         },
         DEFAULTS,
@@ -105,7 +105,7 @@ def test_create_with_every_option() -> None:
     spec = request.spec
     assert (spec.size, spec.fstype, spec.pool) == (2 * GiB, "xfs", "shared")
     assert spec.features == ("layering", "exclusive-lock", "object-map")
-    assert spec.mkfs_options == ("-m", "0", "-E", "root_owner=1000:1000")
+    assert spec.mkfs_options == ("-m", "reflink=0", "-L", "data")
     assert spec.mount_options == ("noatime", "discard")
     assert request.explicit == {
         "size", "fstype", "pool", "features", "mkfs-options", "mount-options"
@@ -125,8 +125,11 @@ def test_create_with_every_option() -> None:
         ({"size": "2048P"}, r"larger than 1P"),
         ({"features": "fast-diff"}, r"fast-diff needs object-map"),
         ({"features": "layering,turbo"}, r"unknown RBD feature 'turbo'; valid features: layering"),
-        ({"mkfs-options": "-d /etc/passwd"}, r"word '/etc/passwd' is not allowed"),
-        ({"mkfs-options": "oops -m0"}, r"must start with an option"),
+        (
+            {"mkfs-options": "-d /etc/passwd"},
+            r"mkfs-options word '-d' is not an allowed flag for ext4",
+        ),
+        ({"mkfs-options": "oops -m0"}, r"word 'oops' is not a flag"),
         ({"mkfs-options": "'unterminated"}, r"cannot be parsed"),
         ({"mount-options": "suid"}, r"mount option 'suid' is not allowed; valid: acl"),
         ({"mount-options": "errors=panic"}, r"mount option 'errors=panic' is not allowed"),
@@ -151,7 +154,7 @@ def test_features_keep_a_stable_order() -> None:
 
 def test_mkfs_and_mount_option_limits() -> None:
     with pytest.raises(InvalidArgument, match="at most 32"):
-        parse_mkfs_options("vol", " ".join(["-q"] * 33))
+        parse_mkfs_options("vol", " ".join(["-m", "0"] * 17), "ext4")
     assert parse_mount_options("vol", " noatime , ,commit=30") == ("noatime", "commit=30")
 
 
@@ -173,3 +176,165 @@ def test_create_request_is_frozen() -> None:
     assert isinstance(request, CreateRequest)
     with pytest.raises(AttributeError):
         request.name = "other"  # type: ignore[misc]
+
+
+# -- mkfs-options: an allowlist of flags per filesystem (issue 9, item 9) ---------------------
+
+
+def mkfs_words(fstype: str, text: str) -> tuple[str, ...]:
+    opts = {"fstype": fstype, "size": "1G", "mkfs-options": text}
+    return parse_create("vol", opts, DEFAULTS).spec.mkfs_options
+
+
+GOOD_EXT4 = [
+    "-m 0", "-m0", "-m 50", "-b 4096", "-b1024", "-i 16384", "-I 256", "-N 100000",
+    "-L data", "-Lmy_vol-1.x", "-L " + "x" * 16, "-J size=64",
+    "-E root_owner=1000:1000", "-Eroot_owner=0:0", "-E stride=16,stripe_width=64",
+    "-E lazy_itable_init=0,lazy_journal_init=1", "-E nodiscard", "-E discard",
+    "-E resize=4294967295", "-E quotatype=usrquota:prjquota",
+    "-O ^has_journal", "-O metadata_csum,^64bit,quota", "-T largefile4", "-T news,small",
+    "-m 0 -E root_owner=1000:1000 -L data", "-b 4096 -I 512 -i 65536 -O quota -T big",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", GOOD_EXT4)
+def test_allowed_ext4_mkfs_options_are_kept_as_written(text: str) -> None:
+    assert mkfs_words("ext4", text) == tuple(text.split())
+
+
+GOOD_XFS = [
+    "-b size=4096", "-bsize=1024", "-m crc=1,reflink=0", "-m bigtime=1,finobt=1",
+    "-i size=512", "-isize=2048", "-L data", "-L " + "x" * 12, "-l size=64m", "-l size=2038m",
+    "-d su=64k,sw=4", "-d agcount=8", "-n size=8192", "-K",
+    "-K -m crc=1,reflink=1 -i size=512 -l size=128m -d agcount=4 -L db",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", GOOD_XFS)
+def test_allowed_xfs_mkfs_options_are_kept_as_written(text: str) -> None:
+    assert mkfs_words("xfs", text) == tuple(text.split())
+
+
+# (fstype, mkfs-options, the word or sub-option the message must name)
+BAD_MKFS = [
+    # mke2fs flags that read or write host paths, scan, or run other devices
+    ("ext4", "-d etc", "-d"), ("ext4", "-d /etc", "-d"), ("ext4", "-detc", "-detc"),
+    ("ext4", "-z undo", "-z"), ("ext4", "-z ''", "-z"), ("ext4", "-c", "-c"),
+    ("ext4", "-cc", "-cc"), ("ext4", "-l badblocks.txt", "-l"), ("ext4", "-J device=sdb", "device=sdb"),
+    ("ext4", "-J device=/dev/sdb", "device=/dev/sdb"), ("ext4", "-J device=LABEL=log", "device=LABEL=log"),
+    ("ext4", "-J size=64,device=sdb", "device=sdb"), ("ext4", "-J location=0", "location=0"),
+    ("ext4", "-E offset=4096", "offset=4096"), ("ext4", "-Eoffset=1", "offset=1"),
+    ("ext4", "-E root_owner=1:1,offset=4096", "offset=4096"), ("ext4", "-D", "-D"),
+    ("ext4", "-O journal_dev", "journal_dev"), ("ext4", "-O none", "none"),
+    # mke2fs flags that destroy, do nothing, change the type or can panic the host
+    ("ext4", "-S", "-S"), ("ext4", "-n", "-n"), ("ext4", "-F", "-F"), ("ext4", "-t ext2", "-t"),
+    ("ext4", "-e panic", "-e"), ("ext4", "-U clear", "-U"), ("ext4", "-M mnt", "-M"),
+    ("ext4", "-o hurd", "-o"), ("ext4", "-r 0", "-r"), ("ext4", "-V", "-V"), ("ext4", "-v", "-v"),
+    ("ext4", "-q", "-q"), ("ext4", "-C 65536", "-C"), ("ext4", "-g 8192", "-g"),
+    ("ext4", "-G 16", "-G"), ("ext4", "-j", "-j"), ("ext4", "-R stride=8", "-R"),
+    # words that are not flags: GNU getopt would make them mkfs's device argument
+    ("ext4", "etc", "etc"), ("ext4", "-m 0 etc", "etc"), ("ext4", "-- etc", "--"),
+    ("ext4", "--", "--"), ("ext4", "-", "-"), ("ext4", "--help", "--help"),
+    # bad values
+    ("ext4", "-m", "-m"), ("ext4", "-m -d", "-d"), ("ext4", "-m 51", "51"), ("ext4", "-m -1", "-1"),
+    ("ext4", "-m 0x10", "0x10"), ("ext4", "-m 5.5", "5.5"), ("ext4", "-b 8192", "8192"),
+    ("ext4", "-b -4096", "-4096"), ("ext4", "-I 100", "100"), ("ext4", "-i 512", "512"),
+    ("ext4", "-N 0", "0"), ("ext4", "-L " + "x" * 17, "x" * 17), ("ext4", "-L a/b", "a/b"),
+    ("ext4", "-L ''", ""), ("ext4", "-L -x", "-x"), ("ext4", "-E root_owner", "root_owner"),
+    ("ext4", "-E root_owner=1000", "root_owner=1000"), ("ext4", "-E root_owner=-1:0", "root_owner=-1:0"),
+    ("ext4", "-E root_owner=4294967295:0", "root_owner=4294967295:0"), ("ext4", "-E stride=0", "stride=0"),
+    ("ext4", "-E lazy_itable_init=2", "lazy_itable_init=2"), ("ext4", "-E nodiscard=1", "nodiscard=1"),
+    ("ext4", "-E quotatype=all", "quotatype=all"), ("ext4", "-E ,", ""), ("ext4", "-O ^journal_dev", "^journal_dev"),
+    ("ext4", "-O turbo", "turbo"), ("ext4", "-T hurd", "hurd"), ("ext4", "-T ../x", "../x"),
+    ("ext4", "-J size=0", "size=0"), ("ext4", "-m0 -m1", "-m1"), ("ext4", "-E nodiscard -E discard", "-E"),
+    ("ext4", "-b size=4096", "size=4096"), ("ext4", "-d su=64k", "-d"),
+    # mkfs.xfs flags and sub-options that read or write host paths or other devices
+    ("xfs", "-p proto", "-p"), ("xfs", "-pproto", "-pproto"), ("xfs", "-c options=cfg", "-c"),
+    ("xfs", "-d file=1,name=img", "file=1"), ("xfs", "-d name=/dev/sdb", "name=/dev/sdb"),
+    ("xfs", "-d su=64k,name=x", "name=x"), ("xfs", "-d size=1g", "size=1g"),
+    ("xfs", "-l logdev=/dev/sdb", "logdev=/dev/sdb"), ("xfs", "-l logdev=sdb,size=64m", "logdev=sdb"),
+    ("xfs", "-l internal=0", "internal=0"), ("xfs", "-r rtdev=/dev/sdb", "-r"),
+    # others: dry run, force, version, ...
+    ("xfs", "-N", "-N"), ("xfs", "-f", "-f"), ("xfs", "-V", "-V"), ("xfs", "-s size=4096", "-s"),
+    ("xfs", "-q", "-q"), ("xfs", "-m uuid=0", "uuid=0"), ("xfs", "-n version=ci", "version=ci"),
+    # bad values
+    ("xfs", "-b size=8192", "size=8192"), ("xfs", "-b 4096", "4096"), ("xfs", "-i size=100", "size=100"),
+    ("xfs", "-m crc=2", "crc=2"), ("xfs", "-m crc", "crc"), ("xfs", "-L " + "x" * 13, "x" * 13),
+    ("xfs", "-l size=64", "size=64"), ("xfs", "-l size=2g", "size=2g"), ("xfs", "-l size=32m", "size=32m"),
+    ("xfs", "-d su=64k", "su=64k"), ("xfs", "-d sw=4", "sw=4"), ("xfs", "-d agcount=4,sw=4", "sw=4"), ("xfs", "-l size=0x10m", "size=0x10m"),
+    ("xfs", "-d sw=0", "sw=0"), ("xfs", "-d agcount=-1", "agcount=-1"), ("xfs", "-n size=3000", "size=3000"),
+    ("xfs", "-Kd", "-Kd"), ("xfs", "-K1", "-K1"), ("xfs", "-m crc=1 -m reflink=1", "-m"),
+    ("xfs", "-m crc=1,crc=0", "crc=0"), ("xfs", "-E root_owner=1:1", "-E"), ("xfs", "-m 0", "0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("fstype", "text", "bad"), BAD_MKFS)
+def test_mkfs_options_outside_the_allowlist_are_refused(fstype: str, text: str, bad: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        mkfs_words(fstype, text)
+    message = str(err.value)
+    assert message.startswith("volume 'vol': mkfs-options ")
+    assert repr(bad) in message
+    assert f"allowed flags for {fstype}: -b " in message
+    other = "xfs" if fstype == "ext4" else "ext4"
+    assert other not in message
+
+
+def test_mkfs_refusal_lists_every_allowed_flag() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        mkfs_words("ext4", "-d etc")
+    listed = str(err.value).split("allowed flags for ext4: ")[1]
+    for flag in ("-b", "-E", "-I", "-i", "-J", "-L", "-m", "-N", "-O", "-T"):
+        assert f"{flag} " in listed
+    assert "root_owner=UID:GID" in listed
+    with pytest.raises(InvalidArgument) as err:
+        mkfs_words("xfs", "-p proto")
+    listed = str(err.value).split("allowed flags for xfs: ")[1]
+    for flag in ("-b size=", "-m ", "-i size=", "-L ", "-l size=", "-d ", "-n size=", "-K"):
+        assert flag in listed
+
+
+def test_a_bad_sub_option_value_says_what_is_valid() -> None:
+    with pytest.raises(InvalidArgument, match=r"'turbo'.*valid: 64bit, bigalloc"):
+        mkfs_words("ext4", "-O turbo")
+    with pytest.raises(InvalidArgument, match=r"'51'.*0-50"):
+        mkfs_words("ext4", "-m 51")
+    with pytest.raises(InvalidArgument, match=r"-E sub-option 'offset=4096' is not allowed"):
+        mkfs_words("ext4", "-E offset=4096")
+
+
+def test_mkfs_options_are_checked_against_the_volumes_filesystem() -> None:
+    # -E root_owner= is mke2fs's; the tenant default is ext4, fstype=xfs switches the list.
+    assert mkfs_words("ext4", "-E root_owner=1:1") == ("-E", "root_owner=1:1")
+    with pytest.raises(InvalidArgument, match=r"'-E' is not an allowed flag for xfs"):
+        parse_create("vol", {"fstype": "xfs", "mkfs-options": "-E root_owner=1:1"}, DEFAULTS)
+    xfs_defaults = Defaults(
+        size=GiB, fstype="xfs", pool="alpha", pools=("alpha",), features=("layering",)
+    )
+    assert parse_create("vol", {"mkfs-options": "-K"}, xfs_defaults).spec.mkfs_options == ("-K",)
+
+
+def test_recreate_of_an_existing_volume_with_its_mkfs_options() -> None:
+    existing = VolumeSpec(
+        size=GiB, fstype="ext4", pool="alpha", features=("layering",),
+        mkfs_options=("-m0", "-E", "root_owner=1000:1000"),
+    )  # fmt: skip
+    same = parse_create("vol", {"mkfs-options": "-m0 -E root_owner=1000:1000"}, DEFAULTS)
+    assert incompatibilities(same, existing) == []
+    other = parse_create("vol", {"mkfs-options": "-m 1"}, DEFAULTS)
+    assert incompatibilities(other, existing) == [
+        "mkfs-options=-m 1 (it has -m0 -E root_owner=1000:1000)"
+    ]
+
+
+# -- mount-options never give back suid, dev or exec (issue 9, item 10) ------------------------
+
+
+@pytest.mark.parametrize(
+    "option",
+    ["suid", "dev", "exec", "nosuid,suid", "noexec,exec", "dev=1", "defaults", "user", "users",
+     "owner", "rw", "ro", "remount", "bind", "errors=panic", "context=x", "X-mount.mkdir"],
+)  # fmt: skip
+def test_mount_options_cannot_weaken_the_host(option: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"mount option '.*' is not allowed; valid: acl"):
+        parse_create("vol", {"mount-options": option}, DEFAULTS)
