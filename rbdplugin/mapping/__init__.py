@@ -38,7 +38,11 @@ class HostPaths:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """An image and the identity that may open it (the tenant's own cephx user)."""
+    """An image and the identity that may open it (the tenant's own cephx user).
+
+    ``exclusive_lock``: the image has the exclusive-lock feature, so read-write maps can ask
+    the kernel (or rbd-nbd) to refuse every other writer; without the feature they cannot.
+    """
 
     pool: str
     namespace: str
@@ -46,6 +50,7 @@ class ImageRef:
     user: str
     keyring: Path
     conf: Path
+    exclusive_lock: bool = False
 
     @property
     def spec(self) -> str:
@@ -90,6 +95,11 @@ class Mapper(Protocol):
 
     async def find(self, image: ImageRef) -> MappedDevice | None:
         """The mapping of ``image`` on this host, if any (also a partial one)."""
+        ...
+
+    async def broken(self, mapped: MappedDevice) -> str | None:
+        """Why this mapping can no longer serve I/O (its device is gone, or maps another
+        image, or its rbd-nbd process died), or None if it looks healthy."""
         ...
 
 

@@ -4,16 +4,33 @@ The flow is the same for both: run the map command under the deadline, translate
 its failure into an actionable error, then find the device the kernel made in
 sysfs; unmapping refuses politely when the device is still in use. Subclasses say
 how to build the command and where their devices show up.
+
+A recorded mapping names its device by number (/dev/rbdN, /dev/nbdN), and the kernel
+hands a freed number to the next image mapped. So before unmapping (and when asked
+whether a mapping is broken) each mapper checks what the device serves *now*; a
+device that serves another image is never unmapped on behalf of a stale record.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from rbdplugin.errors import CephUnavailable, PermissionDenied, ProcessError, VolumeBusy
 from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable
 from rbdplugin.process import Command, Runner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """Why a recorded mapping's device no longer serves the image the record names."""
+
+    reason: str
+    gone: bool = False  # nothing serves any image there any more (vs. another image, or unknown)
 
 
 class RbdDeviceMapper(ABC):
@@ -31,26 +48,39 @@ class RbdDeviceMapper(ABC):
     def unmap_command(self, mapped: MappedDevice) -> list[str]: ...
 
     @abstractmethod
-    def still_mapped(self, mapped: MappedDevice) -> bool: ...
+    def diagnose(self, mapped: MappedDevice) -> Diagnosis | None:
+        """Why ``mapped.device`` no longer serves ``mapped.image``; None while it does."""
 
     @abstractmethod
     async def find(self, image: ImageRef) -> MappedDevice | None: ...
 
-    def map_error(self, image: ImageRef, output: str) -> Exception:
+    def map_error(self, image: ImageRef, read_only: bool, output: str) -> Exception:
         return translate_map_error(image, output)
 
     async def map(self, image: ImageRef, read_only: bool = False) -> MappedDevice:
         try:
             await self.runner(Command(self.map_command(image, read_only), timeout=self.timeout))
         except ProcessError as exc:
-            raise self.map_error(image, exc.output) from exc
+            raise self.map_error(image, read_only, exc.output) from exc
         found = await self.find(image)
         if found is None:
             raise ProcessError(f"{self.name} mapped {image.spec} but no device shows it")
         return found
 
+    async def broken(self, mapped: MappedDevice) -> str | None:
+        if not mapped.device:
+            return f"{mapped.image} has no device (its mapping never completed)"
+        diagnosis = self.diagnose(mapped)
+        return diagnosis.reason if diagnosis else None
+
     async def unmap(self, mapped: MappedDevice) -> None:
-        if not mapped.device or not self.still_mapped(mapped):
+        if not mapped.device:
+            return
+        diagnosis = self.diagnose(mapped)
+        if diagnosis is not None:
+            if not diagnosis.gone:
+                log.warning("not unmapping %s: %s; treating the mapping of %s as gone",
+                            mapped.device, diagnosis.reason, mapped.image)  # fmt: skip
             return
         try:
             await self.runner(Command(self.unmap_command(mapped), timeout=self.timeout))

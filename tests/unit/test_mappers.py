@@ -21,6 +21,7 @@ from rbdplugin.process import Command, Completed
 
 IMAGE = ImageRef("tenant", "", "vol1", "tenant", Path("/etc/ceph/k"), Path("/etc/ceph/ceph.conf"))
 NS_IMAGE = ImageRef("tenant", "team", "vol1", "tenant", Path("/k"), Path("/c"))
+LOCKABLE = ImageRef("tenant", "", "vol1", "tenant", Path("/k"), Path("/c"), exclusive_lock=True)
 
 
 class FakeRunner:
@@ -69,11 +70,38 @@ def test_krbd_map_command() -> None:
     assert mapper.map_command(IMAGE) == [
         "rbd", "device", "map", "--id", "tenant", "--keyring", "/etc/ceph/k",
         "--conf", "/etc/ceph/ceph.conf", "--pool", "tenant", "--image", "vol1",
-        "--options", "noudev",
+        "--options", "noudev,osd_request_timeout=60,noshare",
     ]  # fmt: skip
     argv = mapper.map_command(NS_IMAGE, read_only=True)
     assert argv[argv.index("--namespace") + 1] == "team"
     assert argv[-1] == "--read-only"
+
+
+def options(argv: list[str]) -> list[str]:
+    return argv[argv.index("--options") + 1].split(",")
+
+
+def test_krbd_read_write_maps_are_exclusive_and_unshared() -> None:
+    mapper = KrbdMapper(FakeRunner(), HostPaths(), 10)
+    # exclusive only where the image has the exclusive-lock feature (the kernel refuses it otherwise)
+    assert options(mapper.map_command(LOCKABLE)) == [
+        "noudev", "osd_request_timeout=60", "noshare", "exclusive"
+    ]  # fmt: skip
+    assert options(mapper.map_command(IMAGE)) == ["noudev", "osd_request_timeout=60", "noshare"]
+    for image in (IMAGE, LOCKABLE):
+        read_only = mapper.map_command(image, read_only=True)
+        assert options(read_only) == ["noudev", "osd_request_timeout=60"]
+        assert read_only[-1] == "--read-only"
+
+
+def test_krbd_osd_request_timeout_comes_from_the_constructor() -> None:
+    argv = KrbdMapper(FakeRunner(), HostPaths(), 10, osd_request_timeout=25).map_command(IMAGE)
+    assert "osd_request_timeout=25" in options(argv)
+    # 0 is the kernel's own "wait forever": leave the option out (old kernels lack it)
+    argv = KrbdMapper(FakeRunner(), HostPaths(), 10, osd_request_timeout=0).map_command(IMAGE)
+    assert not [o for o in options(argv) if o.startswith("osd_request_timeout")]
+    with pytest.raises(ValueError, match="osd_request_timeout"):
+        KrbdMapper(FakeRunner(), HostPaths(), 10, osd_request_timeout=-1)
 
 
 def test_krbd_finds_its_device_in_sysfs(tmp_path: Path) -> None:
@@ -114,6 +142,54 @@ def test_krbd_unmap_of_a_gone_device_is_a_no_op(tmp_path: Path) -> None:
     assert runner.calls == []
 
 
+@pytest.mark.parametrize(
+    ("now", "shown"),
+    [
+        (rbd_device(0, "tenant", "vol2"), "tenant/vol2"),
+        (rbd_device(0, "tenant", "vol10"), "tenant/vol10"),
+        (rbd_device(0, "other", "vol1"), "other/vol1"),
+        (rbd_device(0, "tenant", "vol1", ns="team"), "tenant/team/vol1"),
+        (rbd_device(0, "tenant", "vol1", snap="s1"), "tenant/vol1@s1"),
+    ],
+)
+def test_krbd_never_unmaps_a_device_number_reused_by_another_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, now: dict[str, str | bytes], shown: str
+) -> None:
+    host = write(tmp_path, {"sys/bus/rbd/add": "", **now})
+    stale = MappedDevice("krbd", "tenant/vol1", "/dev/rbd0", {"id": 0})
+    runner = FakeRunner()
+    asyncio.run(KrbdMapper(runner, host, 10).unmap(stale))
+    assert runner.calls == []
+    assert (
+        f"not unmapping /dev/rbd0: /dev/rbd0 now maps {shown}, not tenant/vol1; treating"
+        in caplog.text
+    )
+
+
+def test_krbd_unmaps_a_device_that_still_maps_the_same_image(tmp_path: Path) -> None:
+    host = write(
+        tmp_path, {**rbd_device(5, "tenant", "vol1", ns="team"), **rbd_device(6, "tenant", "vol1")}
+    )
+    for record in (MappedDevice("krbd", "tenant/team/vol1", "/dev/rbd5", {"id": 5}),
+                   MappedDevice("krbd", "tenant/vol1", "/dev/rbd6", {"id": 6})):  # fmt: skip
+        runner = FakeRunner()
+        asyncio.run(KrbdMapper(runner, host, 10).unmap(record))
+        assert runner.calls == [["rbd", "device", "unmap", record.device]]
+
+
+def test_krbd_broken_says_why(tmp_path: Path) -> None:
+    host = write(tmp_path, {**rbd_device(1, "tenant", "vol1"), **rbd_device(2, "tenant", "vol2")})
+    mapper = KrbdMapper(FakeRunner(), host, 10)
+    healthy = MappedDevice("krbd", "tenant/vol1", "/dev/rbd1", {"id": 1})
+    assert asyncio.run(mapper.broken(healthy)) is None
+    reused = MappedDevice("krbd", "tenant/vol1", "/dev/rbd2", {"id": 2})
+    assert asyncio.run(mapper.broken(reused)) == "/dev/rbd2 now maps tenant/vol2, not tenant/vol1"
+    gone = MappedDevice("krbd", "tenant/vol1", "/dev/rbd3", {"id": 3})
+    assert asyncio.run(mapper.broken(gone)) == "its device /dev/rbd3 is gone"
+    partial = MappedDevice("krbd", "tenant/vol1", "", {})
+    assert "no device" in str(asyncio.run(mapper.broken(partial)))
+
+
 FEATURE_MISMATCH = (
     "rbd: sysfs write failed\n"
     "RBD image feature set mismatch. You can disable features unsupported by the kernel with "
@@ -134,6 +210,15 @@ FEATURE_MISMATCH = (
         ("rbd: map failed: (1) Operation not permitted\n", PermissionDenied, r"blocklisted"),
         ("rbd: map failed: (16) Device or resource busy\n", VolumeBusy, r"held exclusively elsewhere"),
         ("rbd: map failed: (22) Invalid argument\n", ProcessError, r"rbd device map tenant/vol1 failed: rbd: map failed: \(22\)"),
+        ("rbd: sysfs write failed\nIn some cases useful info is found in syslog - try \"dmesg | tail\".\n"
+         "rbd: map failed: (22) Invalid argument\n", MapperUnavailable,
+         r"the kernel refused to map tenant/vol1 with options noudev,osd_request_timeout=60,noshare: "
+         r"either it does not know one of them .* or the image lacks the exclusive-lock feature.*dmesg"),
+        ("rbd: sysfs write failed\nIn some cases useful info is found in syslog - try \"dmesg | tail\".\n"
+         "rbd: map failed: (30) Read-only file system\n", VolumeBusy,
+         r"another client holds the exclusive lock of tenant/vol1 and will not release it .*rbd status tenant/vol1"),
+        ("rbd: unknown map option 'osd_request_timeout'\nrbd: couldn't parse map options\n",
+         MapperUnavailable, r"this rbd tool does not know the map option 'osd_request_timeout'; upgrade ceph-common"),
     ],
 )  # fmt: skip
 def test_krbd_map_errors_are_actionable(
@@ -175,6 +260,102 @@ def test_nbd_without_free_devices(tmp_path: Path) -> None:
         asyncio.run(NbdMapper(runner, nbd_fixture(tmp_path), 10).map(IMAGE))
 
 
+def test_nbd_read_write_maps_are_exclusive() -> None:
+    mapper = NbdMapper(FakeRunner(), HostPaths(), 10)
+    assert mapper.map_command(LOCKABLE)[-2:] == ["tenant/vol1", "--exclusive"]
+    assert "--exclusive" not in mapper.map_command(IMAGE)  # no exclusive-lock feature
+    read_only = mapper.map_command(LOCKABLE, read_only=True)
+    assert read_only[-1] == "--read-only" and "--exclusive" not in read_only
+
+
+def test_nbd_exclusive_lock_refused() -> None:
+    held = "rbd-nbd: failed to acquire exclusive lock: (16) Device or resource busy\n"
+    with pytest.raises(VolumeBusy, match=r"tenant/vol1: another client holds its exclusive lock"):
+        asyncio.run(NbdMapper(FakeRunner((22, "", held)), HostPaths(), 10).map(LOCKABLE))
+    missing = "rbd-nbd: failed to acquire exclusive lock: (22) Invalid argument\n"
+    with pytest.raises(MapperUnavailable, match=r"rbd feature enable tenant/vol1 exclusive-lock"):
+        asyncio.run(NbdMapper(FakeRunner((22, "", missing)), HostPaths(), 10).map(LOCKABLE))
+
+
+RECORD_NBD1 = MappedDevice("nbd", "tenant/vol1", "/dev/nbd1", {"pid": 4343})
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (b"rbd-nbd\0map\0tenant/vol2\0--id\0tenant\0", "tenant/vol2"),
+        (b"/usr/bin/rbd-nbd\0map\0tenant/vol10\0", "tenant/vol10"),
+        (b"rbd-nbd\0map\0tenant/team/vol1\0", "tenant/team/vol1"),
+        (b"rbd-nbd\0map\0tenant/vol1@s1\0", "tenant/vol1@s1"),
+        (b"rbd-nbd\0map\0tenant/vol1\0--snap-id\x004\0", "tenant/vol1 --snap-id 4"),
+    ],
+)
+def test_nbd_never_unmaps_a_device_number_reused_by_another_image(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, argv: bytes, shown: str
+) -> None:
+    host = write(tmp_path, {"sys/block/nbd1/pid": "5555\n", "proc/5555/cmdline": argv})
+    runner = FakeRunner()
+    asyncio.run(NbdMapper(runner, host, 10).unmap(RECORD_NBD1))
+    assert runner.calls == []
+    assert (
+        f"not unmapping /dev/nbd1: /dev/nbd1 now serves {shown} (rbd-nbd pid 5555), not tenant/vol1"
+        in caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"sys/block/nbd1/pid": "4343\n"},  # rbd-nbd died, the kernel still names it
+        {"sys/block/nbd1/pid": "4343\n", "proc/4343/cmdline": b""},  # a zombie
+        {"sys/block/nbd1/pid": "4343\n", "proc/4343/cmdline": b"bash\0tenant/vol1\0"},  # pid reused
+    ],
+)
+def test_nbd_does_not_unmap_what_it_cannot_confirm(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, files: dict[str, str | bytes]
+) -> None:
+    runner = FakeRunner()
+    asyncio.run(NbdMapper(runner, write(tmp_path, files), 10).unmap(RECORD_NBD1))
+    assert runner.calls == []
+    assert (
+        "not unmapping /dev/nbd1: the rbd-nbd process behind /dev/nbd1 (pid 4343) is not running"
+        in caplog.text
+    )
+
+
+def test_nbd_unmaps_when_a_new_rbd_nbd_serves_the_same_image(tmp_path: Path) -> None:
+    argv = b"/usr/bin/rbd-nbd\0--id\0tenant\0attach\0--device\0/dev/nbd1\0tenant/vol1\0"
+    host = write(tmp_path, {"sys/block/nbd1/pid": "6000\n", "proc/6000/cmdline": argv})
+    runner = FakeRunner()
+    asyncio.run(NbdMapper(runner, host, 10).unmap(RECORD_NBD1))
+    assert runner.calls == [["rbd", "device", "unmap", "--device-type", "nbd", "/dev/nbd1"]]
+
+
+def test_nbd_broken_says_why(tmp_path: Path) -> None:
+    host = nbd_fixture(tmp_path)
+    mapper = NbdMapper(FakeRunner(), host, 10)
+    assert asyncio.run(mapper.broken(RECORD_NBD1)) is None
+    reused = MappedDevice("nbd", "tenant/vol1", "/dev/nbd0", {"pid": 4242})
+    assert asyncio.run(mapper.broken(reused)) == (
+        "/dev/nbd0 now serves tenant/other (rbd-nbd pid 4242), not tenant/vol1"
+    )
+    disconnected = MappedDevice("nbd", "tenant/vol1", "/dev/nbd2", {"pid": 1})
+    assert asyncio.run(mapper.broken(disconnected)) == (
+        "/dev/nbd2 is no longer connected to rbd-nbd (rbd-nbd exited or the device was unmapped)"
+    )
+    (host.proc / "4343" / "cmdline").unlink()
+    assert asyncio.run(mapper.broken(RECORD_NBD1)) == (
+        "the rbd-nbd process behind /dev/nbd1 (pid 4343) is not running"
+    )
+
+
+def test_nbd_find_ignores_other_programs_naming_the_image(tmp_path: Path) -> None:
+    host = write(tmp_path, {"sys/block/nbd0/pid": "70\n", "proc/70/cmdline": b"sh\0-c\0tenant/vol1\0",
+                            "sys/block/nbd3/pid": "71\n", "proc/71/cmdline": b"rbd-nbd\0map\0tenant/vol1\0"})  # fmt: skip
+    found = asyncio.run(NbdMapper(FakeRunner(), host, 10).find(IMAGE))
+    assert found == MappedDevice("nbd", "tenant/vol1", "/dev/nbd3", {"pid": 71})
+
+
 # -- fuse command, scanning helpers ------------------------------------------------------
 
 
@@ -207,7 +388,9 @@ def test_mountinfo_loops_and_processes(tmp_path: Path) -> None:
     assert mounts(host)["/srv/exp dir/vol"] == ("/dev/fuse", "fuse", "rw,user_id=0")
     assert mounts(host)["/mnt/v"][0] == "/dev/loop3"
     assert loop_backing_files(host) == {"/dev/loop3": "/srv/exp dir/vol"}
-    assert processes(host, "qemu-storage-daemon", "mountpoint=/srv/exp dir/vol") == [77]
+    assert processes(
+        host, "qemu-storage-daemon", lambda arg: "mountpoint=/srv/exp dir/vol" in arg.split(",")
+    ) == [77]
 
 
 # -- choosing ------------------------------------------------------------------------------
