@@ -6,7 +6,11 @@ after a failed Mount), and a daemon killed mid-way is put right at start-up by
 :meth:`Attacher.reconcile`: a mount a container still uses is kept with its
 counts; anything half-done is taken down; nothing is mapped twice.
 
-Callers serialise work per volume; this class holds no lock.
+Callers serialise work per volume; this class holds no lock. A teardown (a
+rollback or an Unmount) is never abandoned: it runs as a task of its own, and
+while it runs past its caller's budget the volume refuses Mounts with a clear
+error instead of letting a newer Mount race it. A teardown only ever drops the
+record it was started for.
 """
 
 from __future__ import annotations
@@ -15,21 +19,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from rbdplugin.backends import VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
-from rbdplugin.errors import InvalidArgument, RbdPluginError, VolumeBusy
-from rbdplugin.filesystem import Filesystems
+from rbdplugin.errors import DeadlineExceeded, InvalidArgument, RbdPluginError, VolumeBusy
+from rbdplugin.filesystem import UNRECOGNISED, Filesystems
 from rbdplugin.lease import Leases
 from rbdplugin.mapping import ImageRef, MappedDevice, Mapper
 from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
+from rbdplugin.spec import check_mkfs_words, parse_mount_options
 
 log = logging.getLogger(__name__)
-TEARDOWN_SECONDS = 60.0
+T = TypeVar("T", str, Sequence[str])
+# Always on volume mounts unless the tenant opts out: a volume is tenant data, and a
+# setuid binary or device node on it must not act on the host.
+HOST_SAFE_OPTIONS = ("nosuid", "nodev")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class Attacher:
@@ -45,6 +57,7 @@ class Attacher:
         table: MountTable,
         leases: Leases,
         metrics: Metrics,
+        teardown_seconds: float = 25.0,
     ) -> None:
         self.tenant = tenant
         self.conf = conf
@@ -55,10 +68,13 @@ class Attacher:
         self.table = table
         self.leases = leases
         self.metrics = metrics
+        self.teardown_seconds = teardown_seconds
+        # Teardowns still running (past their caller's budget), by volume.
+        self._teardowns: dict[str, tuple[asyncio.Task[None], str]] = {}
 
-    def image_ref(self, pool: str, image: str) -> ImageRef:
+    def image_ref(self, pool: str, image: str, exclusive_lock: bool = False) -> ImageRef:
         t = self.tenant
-        return ImageRef(pool, t.namespace, image, t.user, t.keyring, self.conf)
+        return ImageRef(pool, t.namespace, image, t.user, t.keyring, self.conf, exclusive_lock)
 
     def mountpoint(self, volume: str) -> Path:
         return self.mount_root / self.tenant.name / volume
@@ -76,20 +92,38 @@ class Attacher:
 
     # -- Mount ---------------------------------------------------------------------------
 
+    def refuse_while_cleaning(self, volume: str) -> None:
+        """A volume whose last teardown still runs takes no Mount until that ends."""
+        running = self._teardowns.get(volume)
+        if running is not None and not running[0].done():
+            raise VolumeBusy(
+                f"volume {volume!r}: the clean-up of its previous mount (started {running[1]}) "
+                "is still running and took longer than its budget; it refuses Mounts until "
+                "that ends. See `rbdplugin status` and the daemon's log for the stage it waits on"
+            )
+
     def add_reference(self, volume: str, mount_id: str) -> str | None:
         """Count one more Mount of a volume mounted here; None if it is not mounted."""
+        self.refuse_while_cleaning(volume)
         record = self.mounted(volume)
         if record is None:
             return None
+        if record.broken:
+            raise VolumeBusy(
+                f"volume {volume!r} is mounted here at {record.mountpoint} but broken: "
+                f"{record.broken}. Stop the containers using it; once they are gone its last "
+                "Unmount cleans up and the next Mount maps it afresh"
+            )
         record.counts[mount_id] = record.counts.get(mount_id, 0) + 1
         self.table.save(record)
         return record.mountpoint
 
     async def mount(self, info: VolumeInfo, mount_id: str) -> str:
         """Map, format if blank, and mount a volume that is not mounted here yet."""
+        self.refuse_while_cleaning(info.name)
         leftover = self.table.get(info.name)
         if leftover is not None:
-            await self._teardown(leftover)
+            await self._owned_teardown(leftover)
         record = MountRecord(
             volume=info.name, pool=info.spec.pool, namespace=self.tenant.namespace,
             image=info.spec.source or info.name, mountpoint=str(self.mountpoint(info.name)),
@@ -102,12 +136,12 @@ class Attacher:
             log.warning(
                 "volume %s: mount failed at %s (%s); rolling back", info.name, record.phase, exc
             )
-            await _shielded(self._teardown(record))
+            await self._owned_teardown(record)
             raise
         return record.mountpoint
 
     async def _attach(self, info: VolumeInfo, record: MountRecord, mount_id: str) -> None:
-        image = self.image_ref(record.pool, record.image)
+        image = self.image_ref(record.pool, record.image, "exclusive-lock" in info.spec.features)
         read_only = record.mode == "ro"
         await self.leases.acquire(record.pool, record.image, "ro" if read_only else "rw", info.name)
         sharing = self._sharing(record)
@@ -124,13 +158,18 @@ class Attacher:
         record.fstype = await self._format_once(info, record.mapped.device, read_only)
         record.phase = "mounting"
         self.table.save(record)
-        options = info.spec.mount_options + (READ_ONLY_OPTIONS[record.fstype] if read_only else ())
+        stored = _stored(
+            "mount-options", info, parse_mount_options, ",".join(info.spec.mount_options)
+        )
+        options = stored + (READ_ONLY_OPTIONS[record.fstype] if read_only else ())
+        if self.tenant.nosuid_nodev:
+            options += HOST_SAFE_OPTIONS
         with self.metrics.stage("mount"):
             await self.fs.mount(
                 record.mapped.device, Path(record.mountpoint), record.fstype, options
             )
         record.phase = "mounted"
-        record.since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record.since = _now()
         record.counts = {mount_id: 1}
         self.table.save(record)
         log.info("volume %s: mounted %s at %s (%s)", info.name, record.mapped.device,
@@ -168,6 +207,13 @@ class Attacher:
                 f"volume {info.name!r}: its source {info.spec.source!r} holds no filesystem yet; "
                 "mount the source read-write once (it is formatted then), then this companion"
             )
+        if signature is None and info.formatted:
+            raise InvalidArgument(
+                f"volume {info.name!r}: rbdplugin formatted it ({info.location}) {info.formatted}, "
+                f"yet {device} reads as blank; refusing to format it. Check that the volume "
+                "and its mapping are healthy (rbd info, rbd status, dmesg). Only if its data is "
+                f"really gone, allow a new filesystem with: {info.unformat_hint}"
+            )
         if signature is not None:
             if not read_only and await self.backend.formatting_interrupted(info.name):
                 # Our own mkfs died half-way: nothing was ever mounted, so redo it.
@@ -175,6 +221,13 @@ class Attacher:
                 await self._mkfs(info, device, wanted, force=True)
                 return wanted
             kind = signature.mountable_as
+            if signature.type == UNRECOGNISED:
+                raise InvalidArgument(
+                    f"volume {info.name!r}: device {device} holds data that no probe recognises "
+                    "as a filesystem (or blkid could not read it); it is never formatted over. "
+                    f"Inspect it (blkid -p {device}; hexdump -C {device} | head); if it holds "
+                    "nothing of value, wipe it yourself"
+                )
             if kind is None:
                 raise InvalidArgument(
                     f"volume {info.name!r}: device {device} carries a {signature.type} signature, "
@@ -196,8 +249,11 @@ class Attacher:
     async def _mkfs(self, info: VolumeInfo, device: str, fstype: str, force: bool) -> None:
         await self.backend.formatting_started(info.name)
         started = time.monotonic()
+        extra = _stored(
+            "mkfs-options", info, lambda name, words: check_mkfs_words(name, fstype, words),
+            info.spec.mkfs_options,
+        )  # fmt: skip
         with self.metrics.stage("mkfs"):
-            extra = info.spec.mkfs_options
             await self.fs.mkfs(device, fstype, fast=info.fresh, extra=extra, force=force)
         await self.backend.formatting_done(info.name)
         log.info("volume %s: made %s on %s in %.1f s%s", info.name, fstype, device,
@@ -219,7 +275,7 @@ class Attacher:
         record.phase = "unmounting"
         self.table.save(record)
         try:
-            await _shielded(self._teardown(record))
+            await self._owned_teardown(record)
         except RbdPluginError:
             if self._intact(record):
                 record.phase = "mounted"  # still mounted, unreferenced: a later Mount reuses it
@@ -227,8 +283,40 @@ class Attacher:
             raise
         log.info("volume %s: unmounted and unmapped", volume)
 
+    async def _owned_teardown(self, record: MountRecord) -> None:
+        """Run ``_teardown(record)`` to its end as a task of its own.
+
+        The caller waits at most ``teardown_seconds`` (also when it is cancelled: the
+        work goes on regardless); past that the volume refuses Mounts until it ends.
+        """
+        task = asyncio.ensure_future(self._teardown(record))
+        self._teardowns[record.volume] = (task, _now())
+        task.add_done_callback(lambda done: self._teardown_ended(record.volume, done))
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.teardown_seconds)
+        except asyncio.CancelledError:
+            with contextlib.suppress(TimeoutError, RbdPluginError):
+                await asyncio.wait_for(asyncio.shield(task), self.teardown_seconds)
+            raise
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"volume {record.volume!r}: its clean-up did not finish within "
+                f"{self.teardown_seconds:.0f} s; it goes on in the background and the volume "
+                "refuses Mounts until it ends"
+            ) from exc
+
+    def _teardown_ended(self, volume: str, task: asyncio.Task[None]) -> None:
+        if self._teardowns.get(volume, (None, ""))[0] is task:
+            del self._teardowns[volume]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("volume %s: clean-up failed: %s", volume, task.exception())
+
+    def cleaning(self) -> dict[str, str]:
+        """Volumes whose teardown still runs, and since when (for status)."""
+        return {v: since for v, (task, since) in self._teardowns.items() if not task.done()}
+
     async def _teardown(self, record: MountRecord) -> None:
-        """Undo whatever stages of ``record`` happened; then forget it."""
+        """Undo whatever stages of ``record`` happened; then forget it (and only it)."""
         with self.metrics.stage("unmount"):
             await self.fs.unmount(Path(record.mountpoint))
         image = self.image_ref(record.pool, record.image)
@@ -241,6 +329,10 @@ class Attacher:
                     await self.mapper.unmap(mapped)
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
+        if self.table.get(record.volume) is not record:
+            log.error("volume %s: a newer mount record replaced this one; leaving it alone",
+                      record.volume)  # fmt: skip
+            return
         if not shared:  # only our own claim: after a takeover the lease is someone else's
             await self.leases.release(record.pool, record.image)
         self.table.drop(record.volume)
@@ -254,13 +346,28 @@ class Attacher:
             return
         doc, _ = await self.leases.read(record.pool, record.image)
         holder = doc.writer.host if doc.writer else "nobody"
-        record.lost = f"{holder} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        record.lost = f"{holder} at {_now()}"
         self.table.save(record)
         self.metrics.leases_lost.labels(self.tenant.name).inc()
         log.error(
             "volume %s: LOST: this host's lease is gone (now held by %s); our access to the image "
             "is fenced and I/O on %s fails. Stop the containers using it here.",
             record.volume, holder, record.mountpoint,
+        )  # fmt: skip
+
+    async def check_mapping(self, record: MountRecord) -> None:
+        """Notice (once) that a mounted volume's mapping died under it: I/O fails now."""
+        if record.mapped is None or record.broken:
+            return
+        reason = await self.mapper.broken(record.mapped)
+        if reason is None:
+            return
+        record.broken = f"{reason} (noticed {_now()})"
+        self.table.save(record)
+        log.error(
+            "volume %s: BROKEN: %s; I/O on %s fails. Stop the containers using it; the last "
+            "Unmount cleans up, and the next Mount maps it afresh",
+            record.volume, reason, record.mountpoint,
         )  # fmt: skip
 
     async def check_leases_of(self, volume: str) -> None:
@@ -274,6 +381,7 @@ class Attacher:
         """Make the table match the truth after a restart or crash."""
         for record in self.table.all():
             if record.phase == "mounted" and self._intact(record) and record.counts:
+                await self.check_mapping(record)
                 log.info("volume %s: still mounted at %s for %d reference(s); kept",
                          record.volume, record.mountpoint, record.references)  # fmt: skip
                 try:
@@ -290,18 +398,23 @@ class Attacher:
                           record.volume, exc)  # fmt: skip
 
 
+def _stored(
+    key: str, info: VolumeInfo, check: Callable[[str, T], tuple[str, ...]], value: T
+) -> tuple[str, ...]:
+    """Options stored with a volume, checked again before use: whoever can write the
+    volume's metadata (the tenant's own cephx user) must not reach mkfs or mount with
+    what Create would refuse."""
+    try:
+        return check(info.name, value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            f"{exc}; these {key} are stored with the volume ({info.location}), not in this "
+            "request: fix or remove them there"
+        ) from exc
+
+
 READ_ONLY_OPTIONS = {
     # Never replay a journal on a shared read-only device: that would write to it.
     "ext4": ("ro", "noload"),
     "xfs": ("ro", "norecovery"),
 }
-
-
-async def _shielded(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a clean-up to its end even if the request that started it is cancelled."""
-    task = asyncio.ensure_future(coro)
-    try:
-        await asyncio.wait_for(asyncio.shield(task), TEARDOWN_SECONDS)
-    except asyncio.CancelledError:
-        await asyncio.wait_for(task, TEARDOWN_SECONDS)
-        raise

@@ -19,6 +19,7 @@ from rbdplugin.config import Config, load_config
 from rbdplugin.daemon import serve
 from rbdplugin.devcluster import DevCluster
 from rbdplugin.errors import ConfigError, RbdPluginError
+from rbdplugin.lease import CorruptLease
 
 DEFAULT_CONFIG = Path("/etc/rbdplugin/rbdplugin.toml")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -142,14 +143,27 @@ def _status(args: argparse.Namespace) -> int:
           f"{'ready' if health['ready'] else 'NOT READY'}")  # fmt: skip
     for driver, state in health["drivers"].items():
         listening = "listening" if state["listening"] else "NOT LISTENING"
-        print(f"  driver {driver}: {state['socket']} {listening}, ceph {state['ceph']}")
-    rows = [("DRIVER", "VOLUME", "ACCESS", "PHASE", "DEVICE", "MOUNTPOINT", "MOUNTS", "LOST TO")]
+        starting = "" if state.get("reconciled", True) else ", STILL RECONCILING"
+        print(f"  driver {driver}: {state['socket']} {listening}, ceph {state['ceph']}{starting}")
+    if status.get("stuck_children"):
+        print(f"  {status['stuck_children']} killed tool(s) still stuck in the kernel (see log)")
+    rows = [("DRIVER", "VOLUME", "ACCESS", "PHASE", "DEVICE", "MOUNTPOINT", "MOUNTS", "PROBLEM")]
     for v in status["volumes"]:
         counts = ",".join(f"{k}={n}" for k, n in v["mounts"].items()) or "-"
         rows.append((v["driver"], v["volume"], v["access"], v["phase"], v["device"] or "-",
-                     v["mountpoint"], counts, v["lost_to"] or "-"))  # fmt: skip
+                     v["mountpoint"], counts, _problem(v)))  # fmt: skip
     print(_table(rows) if status["volumes"] else "no volumes mounted on this host")
     return 0 if health["ready"] else 3
+
+
+def _problem(volume: dict[str, Any]) -> str:
+    if volume.get("lost_to"):
+        return f"LOST to {volume['lost_to']}"
+    if volume.get("broken"):
+        return f"BROKEN: {volume['broken']}"
+    if volume.get("cleaning_since"):
+        return f"clean-up running since {volume['cleaning_since']}"
+    return "-"
 
 
 async def _ask_daemon(control: Path) -> dict[str, Any]:
@@ -201,10 +215,16 @@ def _locks_break(args: argparse.Namespace) -> int:
         names = ", ".join(t.driver for t in tenants)
         raise ConfigError(f"several drivers in the config ({names}): name one with --driver")
     tenant = tenants[0]
-    holders = asyncio.run(locks.holders_of(config, tenant, args.volume))
-    if not holders:
-        print(f"volume {args.volume}: nobody holds it")
-        return 0
+    try:
+        holders = asyncio.run(locks.holders_of(config, tenant, args.volume))
+    except CorruptLease as exc:
+        print(f"volume {args.volume}: {exc}")
+        print("Its writer cannot be known, so nobody is fenced: make sure no host uses it.")
+        holders = []
+    else:
+        if not holders:
+            print(f"volume {args.volume}: nobody holds it")
+            return 0
     for h in holders:
         state = "alive" if h.alive else "not alive"
         print(f"volume {args.volume}: {h.mode} on host {h.host} since {h.since} ({state}), "

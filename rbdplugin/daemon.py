@@ -29,17 +29,17 @@ from rbdplugin.backends import VolumeBackend
 from rbdplugin.backends.rbd import RbdBackend
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
-from rbdplugin.errors import ConfigError, RbdPluginError
+from rbdplugin.errors import ConfigError
 from rbdplugin.filesystem import Filesystems
 from rbdplugin.health import CephProbe, control_app, metrics_app, socket_answers
-from rbdplugin.lease import Leases
+from rbdplugin.lease import HostIdentity, Leases
 from rbdplugin.mapping import HostPaths, Mapper
 from rbdplugin.mapping.select import build_mapper
 from rbdplugin.metrics import Metrics, MountedVolume, Snapshot, StateCollector
 from rbdplugin.mounts import MountTable
-from rbdplugin.process import run
+from rbdplugin.process import run, stuck_children
 from rbdplugin.service import VolumeService
-from rbdplugin.state import KnownVolumes
+from rbdplugin.state import KnownVolumes, host_uuid
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,13 @@ class Daemon:
         ProcessCollector(registry=self.registry)
         self.registry.register(StateCollector(self.snapshot))
         self._side: list[web.AppRunner] = []  # metrics listener and control socket
+        self.host_uuid = ""
 
     async def start(self) -> None:
         daemon = self.config.daemon
         for path in (daemon.state_dir, daemon.mount_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.host_uuid = host_uuid(daemon.state_dir)
         mapper = build_mapper(daemon.mapper, run, self.host, daemon.state_dir, daemon.op_timeout)
         self.mapper = mapper
         try:
@@ -111,8 +113,6 @@ class Daemon:
         except BaseException:
             await self.stop()
             raise
-        for driver in self.drivers:
-            asyncio.create_task(self._connect(driver))  # noqa: RUF006 - finishes on its own
         try:
             await self._start_side()
         except BaseException:
@@ -159,25 +159,21 @@ class Daemon:
             address_file=state / "client-address.json",
         )  # fmt: skip
         backend = build_backend(client, tenant)
-        leases = Leases(client, daemon.host_id, tenant.takeover, daemon.fence_seconds, self.metrics)
+        me = HostIdentity(daemon.host_id, self.host_uuid)
+        leases = Leases(client, me, tenant.takeover, daemon.fence_seconds, self.metrics)
         attacher = Attacher(
             tenant=tenant, conf=self.config.ceph.conf, mount_root=daemon.mount_root, mapper=mapper,
             filesystems=Filesystems(run, self.host, daemon.op_timeout), backend=backend,
             table=MountTable(state / "mounts.json"), leases=leases, metrics=self.metrics,
+            teardown_seconds=daemon.op_timeout / 2,
         )  # fmt: skip
         service = VolumeService(
             tenant=tenant, backend=backend, attacher=attacher,
             known=KnownVolumes(state / "known-volumes.json"), host_id=daemon.host_id,
             op_timeout=daemon.op_timeout, lease_check_seconds=daemon.lease_check_seconds,
         )  # fmt: skip
-        await service.start()
+        service.start()  # reconciles in the background: the socket answers at once
         return service
-
-    async def _connect(self, driver: Driver) -> None:
-        try:
-            await driver.service.attacher.leases.client.connect()
-        except RbdPluginError as exc:
-            log.error("tenant %s: %s (will retry on the next request)", driver.tenant.name, exc)
 
     async def _start_side(self) -> None:
         daemon = self.config.daemon
@@ -199,9 +195,10 @@ class Daemon:
         for driver in self.drivers:
             listening = socket_answers(driver.socket_path)
             ceph = await driver.probe.check()
+            reconciled = driver.service.ready
             drivers[driver.tenant.driver] = {
                 "socket": str(driver.socket_path), "listening": listening, "ceph": ceph,
-                "ready": listening and ceph == "up",
+                "reconciled": reconciled, "ready": listening and ceph == "up" and reconciled,
             }  # fmt: skip
         ready = bool(drivers) and all(d["ready"] for d in drivers.values())
         return {"ready": ready, "drivers": drivers}
@@ -216,7 +213,7 @@ class Daemon:
                 size, used = _usage(attacher, record.mountpoint)
                 mounted.append(
                     MountedVolume(driver.tenant.name, record.volume, record.mapped.mapper,
-                                  record.references, size, used)
+                                  record.references, size, used, bool(record.broken))
                 )  # fmt: skip
         connected = {
             d.tenant.name: d.service.attacher.leases.client.connected for d in self.drivers
@@ -226,6 +223,7 @@ class Daemon:
     async def status(self) -> dict[str, Any]:
         volumes = []
         for driver in self.drivers:
+            cleaning = driver.service.attacher.cleaning()
             for record in driver.service.attacher.table.all():
                 volumes.append({
                     "driver": driver.tenant.driver, "volume": record.volume,
@@ -233,9 +231,12 @@ class Daemon:
                     "access": record.mode, "mountpoint": record.mountpoint,
                     "device": record.mapped.device if record.mapped else "",
                     "mounts": dict(record.counts), "since": record.since, "lost_to": record.lost,
+                    "broken": record.broken, "cleaning_since": cleaning.get(record.volume, ""),
                 })  # fmt: skip
         return {
             "host_id": self.config.daemon.host_id,
+            "host_uuid": self.host_uuid,
+            "stuck_children": stuck_children(),
             "mapper": self.mapper.name if self.mapper else "",
             "health": await self.readiness(),
             "volumes": volumes,

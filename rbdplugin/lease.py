@@ -3,7 +3,9 @@
 The lease of an image is a small RADOS object, ``rbdplugin.lease.<image>``, in the
 image's pool and namespace, holding JSON: at most one read-write *writer* claim
 and any number of read-only *reader* claims, each naming a host, since when, and
-every Ceph client address that host uses for the image. It is only ever changed
+every Ceph client address that host uses for the image. A host is its ``host_id`` plus
+a random UUID made once in its state directory, so two machines that share a
+hostname are still two hosts. It is only ever changed
 by a version-guarded write (compare-and-swap), so two hosts racing for it cannot
 both win.
 
@@ -37,7 +39,7 @@ import rados
 import rbd
 
 from rbdplugin.ceph import CephClient
-from rbdplugin.errors import CephUnavailable, Conflict
+from rbdplugin.errors import CephUnavailable, Conflict, RbdPluginError
 from rbdplugin.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -53,19 +55,47 @@ class LeaseConflict(Conflict):
     reason = "lock_conflict"
 
 
+class CorruptLease(RbdPluginError):
+    """The lease object cannot be read as a lease: only an operator can clear it."""
+
+    reason = "corrupt_lease"
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    """Who a host is in leases: its name for people, and a UUID that tells apart two
+    machines with the same name (or a reinstalled one)."""
+
+    host: str
+    uuid: str
+
+
 @dataclass
 class Claim:
     host: str
     mode: Mode
     since: str
     addrs: list[str] = field(default_factory=list)
+    uuid: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.uuid or self.host
+
+    def belongs_to(self, me: HostIdentity) -> bool:
+        return self.host == me.host and self.uuid == me.uuid
 
     def to_json(self) -> dict[str, Any]:
-        return {"host": self.host, "mode": self.mode, "since": self.since, "addrs": self.addrs}
+        return {"host": self.host, "mode": self.mode, "since": self.since, "addrs": self.addrs,
+                "uuid": self.uuid}  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Claim:
-        return cls(data["host"], data["mode"], data["since"], list(data.get("addrs", [])))
+        mode = data["mode"]
+        if mode not in ("rw", "ro") or not isinstance(data["host"], str):
+            raise ValueError(f"bad claim {data!r}")
+        addrs = [str(a) for a in data.get("addrs", [])]
+        return cls(data["host"], mode, str(data["since"]), addrs, str(data.get("uuid", "")))
 
 
 @dataclass
@@ -77,10 +107,10 @@ class LeaseDoc:
     def empty(self) -> bool:
         return self.writer is None and not self.readers
 
-    def claim_of(self, host: str) -> Claim | None:
-        if self.writer is not None and self.writer.host == host:
+    def claim_of(self, me: HostIdentity) -> Claim | None:
+        if self.writer is not None and self.writer.belongs_to(me):
             return self.writer
-        return self.readers.get(host)
+        return self.readers.get(me.uuid)
 
     def encode(self) -> bytes:
         data = {
@@ -91,11 +121,15 @@ class LeaseDoc:
 
     @classmethod
     def decode(cls, raw: bytes) -> LeaseDoc:
+        """Parse a lease; :class:`ValueError` (or a subclass) if it is not one."""
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
         writer = data.get("writer")
+        readers = [Claim.from_json(c) for c in (data.get("readers") or {}).values()]
         return cls(
             writer=Claim.from_json(writer) if writer else None,
-            readers={h: Claim.from_json(c) for h, c in data.get("readers", {}).items()},
+            readers={c.key: c for c in readers},
         )
 
 
@@ -129,14 +163,14 @@ class Leases:
     def __init__(
         self,
         client: CephClient,
-        host_id: str,
+        me: HostIdentity,
         takeover: Takeover,
         fence_seconds: int,
         metrics: Metrics | None = None,
     ) -> None:
         self.client = client
         self.metrics = metrics
-        self.host_id = host_id
+        self.me = me
         self.takeover = takeover
         self.fence_seconds = fence_seconds
         self._presence: dict[tuple[str, str], rbd.Image] = {}
@@ -146,18 +180,37 @@ class Leases:
     # -- the lease object ----------------------------------------------------------------
 
     async def read(self, pool: str, image: str) -> tuple[LeaseDoc, int | None]:
-        def read(ioctx: rados.Ioctx) -> tuple[LeaseDoc, int | None]:
+        raw, version = await self._read_raw(pool, image)
+        return self._decode(raw, pool, image), version
+
+    async def _read_raw(self, pool: str, image: str) -> tuple[bytes, int | None]:
+        def read(ioctx: rados.Ioctx) -> tuple[bytes, int | None]:
             try:
-                raw = ioctx.read(PREFIX + image, MAX_LEASE_BYTES)
+                raw: bytes = ioctx.read(PREFIX + image, MAX_LEASE_BYTES)
             except rados.ObjectNotFound:
-                return LeaseDoc(), None
+                return b"", None
             version: int = ioctx.get_last_version()
-            return (LeaseDoc.decode(raw) if raw else LeaseDoc()), version
+            return raw, version
 
         return await self.client.run_private(pool, f"reading the lease of {image!r}", read)
 
+    def _decode(self, raw: bytes, pool: str, image: str) -> LeaseDoc:
+        try:
+            return LeaseDoc.decode(raw) if raw else LeaseDoc()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            ns = self.client.tenant.namespace
+            where = f"pool {pool}" + (f" namespace {ns}" if ns else "")
+            raise CorruptLease(
+                f"the lease of image {image!r} (RADOS object {PREFIX}{image} in {where}) is "
+                f"corrupt ({type(exc).__name__}: {exc}); nobody can mount it until an operator "
+                "checks that no host still uses the volume and runs `rbdplugin locks break "
+                "VOLUME` for it"
+            ) from exc
+
     async def _write(self, pool: str, image: str, doc: LeaseDoc, version: int | None) -> bool:
         """Replace the lease if nobody changed it since ``version``; False if someone did."""
+        if doc.empty and version is None:
+            return True  # no lease object, and none needed
 
         def write(ioctx: rados.Ioctx) -> bool:
             with rados.WriteOpCtx() as op:
@@ -165,7 +218,7 @@ class Leases:
                     op.new(rados.LIBRADOS_CREATE_EXCLUSIVE)
                 else:
                     op.assert_version(version)
-                if doc.empty and version is not None:
+                if doc.empty:
                     op.remove()
                 else:
                     op.write_full(doc.encode())
@@ -181,10 +234,19 @@ class Leases:
 
         return await self.client.run_private(pool, f"updating the lease of {image!r}", write)
 
-    async def _update(self, pool: str, image: str, change: Change) -> LeaseDoc:
+    async def _update(
+        self, pool: str, image: str, change: Change, corrupt_as_empty: bool = False
+    ) -> LeaseDoc:
         """Read, ``await change(doc)`` into a new doc, write it guarded; retry on a race."""
         for _ in range(CAS_ATTEMPTS):
-            doc, version = await self.read(pool, image)
+            raw, version = await self._read_raw(pool, image)
+            try:
+                doc = self._decode(raw, pool, image)
+            except CorruptLease as exc:
+                if not corrupt_as_empty:
+                    raise
+                log.warning("%s; replacing it", exc)
+                doc = LeaseDoc()
             new = await change(doc)
             if new is None or await self._write(pool, image, new, version):
                 return new or doc
@@ -230,9 +292,9 @@ class Leases:
         self, doc: LeaseDoc, watchers: set[str], own: str, *, pool: str, image: str, mode: Mode,
         volume: str,
     ) -> LeaseDoc:  # fmt: skip
-        me = self.host_id
+        me = self.me
         writer = doc.writer
-        if writer is not None and writer.host != me:
+        if writer is not None and not writer.belongs_to(me):
             if self.alive(writer, watchers):
                 raise LeaseConflict(
                     f"volume {volume!r} is mounted read-write on {describe(writer)}; stop the "
@@ -241,11 +303,13 @@ class Leases:
                 )
             await self._take_over(writer, pool, image, volume)
             writer = None
-        readers = {h: c for h, c in doc.readers.items() if h == me or self.alive(c, watchers)}
+        readers = {
+            k: c for k, c in doc.readers.items() if c.belongs_to(me) or self.alive(c, watchers)
+        }
         if mode == "rw":
-            if me in readers:
+            if me.uuid in readers:
                 raise LeaseConflict(
-                    f"volume {volume!r}: this host ({me}) has it mounted read-only; "
+                    f"volume {volume!r}: this host ({me.host}) has it mounted read-only; "
                     "unmount the read-only companion first"
                 )
             if readers:
@@ -255,16 +319,16 @@ class Leases:
                     "waits until every read-only mount is gone"
                 )
             since = writer.since if writer else _now()
-            addrs = [*(writer.addrs if writer else []), own]
-            return LeaseDoc(writer=Claim(me, "rw", since, sorted(set(addrs))), readers={})
+            addrs = sorted({*(writer.addrs if writer else []), own})
+            return LeaseDoc(writer=Claim(me.host, "rw", since, addrs, me.uuid), readers={})
         if writer is not None:  # our own host holds it read-write
             raise LeaseConflict(
-                f"volume {volume!r}: this host ({me}) has it mounted read-write; "
+                f"volume {volume!r}: this host ({me.host}) has it mounted read-write; "
                 "unmount it before mounting it read-only"
             )
-        mine = readers.get(me)
-        readers[me] = Claim(me, "ro", mine.since if mine else _now(),
-                            sorted({*(mine.addrs if mine else []), own}))  # fmt: skip
+        mine = readers.get(me.uuid)
+        readers[me.uuid] = Claim(me.host, "ro", mine.since if mine else _now(),
+                                 sorted({*(mine.addrs if mine else []), own}), me.uuid)  # fmt: skip
         return LeaseDoc(writer=None, readers=readers)
 
     async def _take_over(self, writer: Claim, pool: str, image: str, volume: str) -> None:
@@ -299,7 +363,7 @@ class Leases:
         watchers = await self.watchers(pool, image) - {own}
 
         async def change(doc: LeaseDoc) -> LeaseDoc | None:
-            claim = doc.claim_of(self.host_id)
+            claim = doc.claim_of(self.me)
             if claim is None or watchers <= set(claim.addrs):
                 return None
             claim.addrs = sorted({*claim.addrs, *watchers})
@@ -311,22 +375,26 @@ class Leases:
         """Drop this host's claim (never anyone else's)."""
 
         async def change(doc: LeaseDoc) -> LeaseDoc | None:
-            if doc.claim_of(self.host_id) is None:
+            if doc.claim_of(self.me) is None:
                 return None
-            if doc.writer is not None and doc.writer.host == self.host_id:
+            if doc.writer is not None and doc.writer.belongs_to(self.me):
                 doc.writer = None
-            doc.readers.pop(self.host_id, None)
+            doc.readers.pop(self.me.uuid, None)
             return doc
 
         try:
             await self._update(pool, image, change)
+        except CorruptLease as exc:
+            # Not ours to repair: the operator must check and break it (the Err of every
+            # later Mount says how); the unmount itself is done.
+            log.error("%s", exc)
         finally:
             await self._close_presence(pool, image)
 
     async def check(self, pool: str, image: str) -> Claim | None:
         """Our claim on ``image`` as it stands in Ceph (None: lost), keeping presence up."""
         doc, _ = await self.read(pool, image)
-        claim = doc.claim_of(self.host_id)
+        claim = doc.claim_of(self.me)
         if claim is None:
             await self._close_presence(pool, image)
             return None
@@ -335,7 +403,7 @@ class Leases:
             own, _ = await self.client.address()
 
             async def change(doc: LeaseDoc) -> LeaseDoc | None:
-                mine = doc.claim_of(self.host_id)
+                mine = doc.claim_of(self.me)
                 if mine is None or own in mine.addrs:
                     return None
                 mine.addrs = sorted({*mine.addrs, own})
@@ -360,13 +428,13 @@ class Leases:
         fenced: list[str] = []
 
         async def change(doc: LeaseDoc) -> LeaseDoc | None:
-            if doc.empty:
-                return None
             if doc.writer is not None:
                 fenced.extend(await self.fence(doc.writer, image))
             return LeaseDoc()
 
-        await self._update(pool, image, change)
+        # A corrupt lease names nobody to fence: it is cleared, and the operator was told
+        # to check first that no host still uses the volume.
+        await self._update(pool, image, change, corrupt_as_empty=True)
         return fenced
 
     # -- presence handles ------------------------------------------------------------------

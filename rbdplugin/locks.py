@@ -14,7 +14,7 @@ from rbdplugin.backends.rbd import RbdBackend
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
 from rbdplugin.errors import ConfigError
-from rbdplugin.lease import Holder, Leases
+from rbdplugin.lease import CorruptLease, Holder, HostIdentity, Leases
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ async def _session(
 ) -> AsyncIterator[tuple[RbdBackend, Leases]]:
     # No address_file: an operator's command must never fence the daemon's connection.
     client = CephClient(config.ceph, tenant, deadline=config.daemon.op_timeout)
-    leases = Leases(client, f"{config.daemon.host_id}-operator", tenant.takeover,
-                    config.daemon.fence_seconds)  # fmt: skip
+    operator = HostIdentity(f"{config.daemon.host_id}-operator", "")
+    leases = Leases(client, operator, tenant.takeover, config.daemon.fence_seconds)
     try:
         yield RbdBackend(client, tenant), leases
     finally:
@@ -56,8 +56,12 @@ async def list_locks(config: Config, driver: str | None = None) -> list[VolumeLo
                 info = await backend.inspect(name)
                 if info.spec.source:
                     continue  # a companion's claims live on its source's lease
-                for holder in await leases.holders(info.spec.pool, name):
-                    found.append(VolumeLock(tenant.driver, name, holder))
+                try:
+                    holders = await leases.holders(info.spec.pool, name)
+                except CorruptLease:
+                    # Shown, not fatal: `locks break` is how an operator clears it.
+                    holders = [Holder(name, "(corrupt lease)", "rw", "", (), False)]
+                found += [VolumeLock(tenant.driver, name, holder) for holder in holders]
     return found
 
 

@@ -83,6 +83,7 @@ class MountedVolume:
     references: int
     fs_size: int | None
     fs_used: int | None
+    broken: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,9 @@ class StateCollector(Collector):
         used = GaugeMetricFamily("rbdplugin_volume_fs_used_bytes",
                                  "Bytes used in a mounted volume's filesystem",
                                  labels=["tenant", "volume"])  # fmt: skip
+        broken = GaugeMetricFamily("rbdplugin_volume_broken",
+                                   "1 if a mounted volume's mapping died under it (I/O fails)",
+                                   labels=["tenant", "volume"])  # fmt: skip
         ceph = GaugeMetricFamily("rbdplugin_ceph_connected",
                                  "1 if the tenant's Ceph connection is up",
                                  labels=["tenant"])  # fmt: skip
@@ -126,9 +130,10 @@ class StateCollector(Collector):
             ceph.add_metric([tenant], 1 if snap.ceph_connected.get(tenant) else 0)
         for m in snap.mounted:
             per_mapper[m.mapper] = per_mapper.get(m.mapper, 0) + 1
+            broken.add_metric([m.tenant, m.volume], 1 if m.broken else 0)
             if m.fs_size is not None and m.fs_used is not None:
                 size.add_metric([m.tenant, m.volume], m.fs_size)
                 used.add_metric([m.tenant, m.volume], m.fs_used)
         for mapper, count in sorted(per_mapper.items()):
             mapped.add_metric([mapper], count)
-        yield from (mounted, refs, mapped, size, used, ceph)
+        yield from (mounted, refs, mapped, size, used, broken, ceph)

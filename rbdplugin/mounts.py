@@ -9,12 +9,15 @@ Unmount had reached; only ``mounted`` is a finished state.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from rbdplugin.mapping import MappedDevice
 from rbdplugin.state import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 Phase = Literal["mapping", "mapped", "mounting", "mounted", "unmounting"]
 
@@ -33,6 +36,8 @@ class MountRecord:
     mode: str = "rw"
     # Set when another host took this volume over: "HOST at TIME" (our I/O is fenced).
     lost: str = ""
+    # Set when the mapping died under the mount: why, and when it was noticed.
+    broken: str = ""
     # Docker mount ID -> how many times it is mounted (docker cp and copy-up reuse an ID).
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -46,7 +51,7 @@ class MountRecord:
             "image": self.image, "mountpoint": self.mountpoint, "phase": self.phase,
             "mapped": self.mapped.to_json() if self.mapped else None, "fstype": self.fstype,
             "since": self.since, "counts": dict(self.counts), "mode": self.mode,
-            "lost": self.lost,
+            "lost": self.lost, "broken": self.broken,
         }  # fmt: skip
 
     @classmethod
@@ -59,6 +64,7 @@ class MountRecord:
             fstype=data.get("fstype", ""), since=data.get("since", ""),
             counts={str(k): int(v) for k, v in data.get("counts", {}).items()},
             mode=data.get("mode", "rw"), lost=data.get("lost", ""),
+            broken=data.get("broken", ""),
         )  # fmt: skip
 
 
@@ -67,8 +73,24 @@ class MountTable:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        raw: dict[str, Any] = read_json(path, {})
-        self._records = {name: MountRecord.from_json(rec) for name, rec in raw.items()}
+        raw = read_json(path, {})
+        self._records: dict[str, MountRecord] = {}
+        aside = path.with_name(path.name + ".bad")
+        if not isinstance(raw, dict):
+            log.error("%s is not a table of mounts; ignoring it (kept in %s)", path, aside)
+            write_json(aside, raw)
+            return
+        bad: dict[str, Any] = {}
+        for name, entry in raw.items():
+            try:
+                self._records[name] = MountRecord.from_json(entry)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # One bad entry must not stop start-up or hide the good ones.
+                log.error("volume %s: unreadable entry in %s (%s: %s); ignoring it (kept in %s)",
+                          name, path, type(exc).__name__, exc, aside)  # fmt: skip
+                bad[name] = entry
+        if bad:
+            write_json(aside, bad)
 
     def get(self, volume: str) -> MountRecord | None:
         return self._records.get(volume)

@@ -29,7 +29,7 @@ from rbdplugin.errors import (
     RbdPluginError,
     VolumeBusy,
 )
-from rbdplugin.lease import LeaseConflict
+from rbdplugin.lease import CorruptLease, LeaseConflict
 from rbdplugin.spec import CreateRequest, Defaults, incompatibilities, parse_create, validate_name
 from rbdplugin.state import KnownVolumes
 from rbdplugin.units import format_size
@@ -71,6 +71,11 @@ class VolumeService:
         self.op_timeout = op_timeout
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._quota = asyncio.Lock()
+        # Set once start-up reconciled the mount table; Mount/Unmount/Remove wait for it.
+        self._reconciled = asyncio.Event()
+        self._starter: asyncio.Task[None] | None = None
+        # Volumes whose background check found a problem an operator must fix (by name).
+        self._trouble: dict[str, str] = {}
         self.defaults = Defaults(
             size=tenant.default_size,
             fstype=tenant.default_fstype,
@@ -88,9 +93,16 @@ class VolumeService:
         self._locks[name] = (lock, users + 1)
         try:
             async with asyncio.timeout(self.op_timeout):
+                await self._reconciled.wait()
                 async with lock:
                     yield
         except TimeoutError as exc:
+            if not self._reconciled.is_set():
+                raise DeadlineExceeded(
+                    f"{action} volume {name!r}: the daemon is still starting up (reconciling "
+                    f"its mounts needs Ceph, which has not answered within {self.op_timeout:.0f} "
+                    "s); retry when `rbdplugin status` or /readyz says ready"
+                ) from exc
             raise DeadlineExceeded(
                 f"{action} volume {name!r} did not finish within {self.op_timeout:.0f} s"
             ) from exc
@@ -194,9 +206,12 @@ class VolumeService:
     async def _mount(self, name: str, mount_id: str) -> str:
         async with self._volume(name, "mounting"):
             # Already mounted here: one more reference, and no need to ask Ceph.
+            trouble = self._trouble.get(name)
+            if trouble:
+                raise CorruptLease(f"volume {name!r}: {trouble}")
             mountpoint = self.attacher.add_reference(name, mount_id)
             if mountpoint is None:
-                info = await self._inspect_or_create(name)
+                info = await self._inspect_for_mount(name)
                 try:
                     mountpoint = await self.attacher.mount(info, mount_id)
                 except LeaseConflict:
@@ -204,18 +219,19 @@ class VolumeService:
                     raise
             return mountpoint
 
-    async def _inspect_or_create(self, name: str) -> VolumeInfo:
+    async def _inspect_for_mount(self, name: str) -> VolumeInfo:
+        """The volume to mount. Never created here: Docker calls Create before the first
+        Mount, so a missing volume at Mount was removed (maybe from another host), and an
+        empty new one in its place would hide that from the container."""
         info = await self._inspect_or_none(name)
         if info is not None:
             return info
-        if not self.tenant.auto_create:
-            raise NotFound(
-                f"volume {name!r} does not exist and driver {self.tenant.driver} does not create "
-                f"volumes implicitly; create it with docker volume create -d {self.tenant.driver}"
-            )
-        info = await self._create_new(parse_create(name, None, self.defaults))
-        self.known.remember(name, self._status(info))
-        return info
+        self.known.forget(name)
+        hint = await self.backend.removed_hint(name)
+        raise NotFound(
+            f"volume {name!r} does not exist any more (driver {self.tenant.driver}): it was "
+            f"removed, perhaps from another host; it is not re-created empty. {hint}".strip()
+        )
 
     async def unmount(self, name: str, mount_id: object) -> None:
         name, mount_id = validate_name(name), _mount_id(mount_id)
@@ -224,6 +240,9 @@ class VolumeService:
     async def _unmount(self, name: str, mount_id: str) -> None:
         async with self._volume(name, "unmounting"):
             await self.attacher.unmount(name, mount_id)
+            if self.attacher.table.get(name) is None:
+                # Not mounted here any more: a later Mount reads the lease afresh.
+                self._trouble.pop(name, None)
 
     async def _owned(self, key: tuple[str, str, str], coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` as a task of the service, or join the identical one in flight.
@@ -266,6 +285,8 @@ class VolumeService:
         holders = await self._holders(info)
         if holders:
             status["held_by"] = holders
+        if name in self._trouble:
+            status["problem"] = self._trouble[name]
         return VolumeView(name, self.path(name), {**status, **self._mount_status(name)})
 
     async def _holders(self, info: VolumeInfo) -> list[dict[str, Any]]:
@@ -285,6 +306,9 @@ class VolumeService:
         if record.lost:
             return {"mountpoint": record.mountpoint, "lost_to": record.lost,
                     "mounts": dict(record.counts)}  # fmt: skip
+        if record.broken:
+            return {"mountpoint": record.mountpoint, "device": record.mapped.device,
+                    "broken": record.broken, "mounts": dict(record.counts)}  # fmt: skip
         status: dict[str, Any] = {
             "device": record.mapped.device,
             "mapper": record.mapped.mapper,
@@ -358,27 +382,70 @@ class VolumeService:
             self.known.forget(name)
         log.info("volume %s: removed (%s, policy %s)", name, outcome, self.tenant.remove_policy)
 
-    async def start(self) -> None:
+    def start(self) -> None:
+        """Reconcile and start the checks in the background: the socket must answer at
+        once, even while Ceph is unreachable."""
+        self._starter = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
         # Connect first: that fences our dead predecessor, whose lingering watches would
         # otherwise stall every librbd notification (lock hand-over, close) of the clean-up.
+        delay = 1.0
+        while True:
+            try:
+                await self.attacher.leases.client.connect()
+                break
+            except RbdPluginError as exc:
+                if not self._needs_ceph_to_reconcile():
+                    log.error("driver %s: %s; reconciling without Ceph", self.tenant.driver, exc)
+                    break
+                log.error("driver %s: %s; retrying in %.0f s before reconciling mounts",
+                          self.tenant.driver, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
         try:
-            await self.attacher.leases.client.connect()
-        except RbdPluginError as exc:
-            log.error("driver %s: %s; reconciling without Ceph", self.tenant.driver, exc)
-        await self.attacher.reconcile()
+            await self.attacher.reconcile()
+        except Exception:
+            log.exception("driver %s: reconciling the mount table failed", self.tenant.driver)
+        self._reconciled.set()
+        log.info("driver %s: ready (mount table reconciled)", self.tenant.driver)
         self._checker = asyncio.create_task(self._check_leases())
+
+    def _needs_ceph_to_reconcile(self) -> bool:
+        # Half-done entries release leases in Ceph; a table of finished mounts does not.
+        return any(r.phase != "mounted" for r in self.attacher.table.all())
+
+    @property
+    def ready(self) -> bool:
+        return self._reconciled.is_set()
 
     async def _check_leases(self) -> None:
         while True:
             await asyncio.sleep(self.lease_check_seconds)
             for record in self.attacher.table.all():
-                if record.phase == "mounted" and not record.lost:
-                    # Under the volume's lock: a concurrent Unmount must not race the check.
-                    try:
-                        async with self._volume(record.volume, "checking the lease of"):
-                            await self.attacher.check_leases_of(record.volume)
-                    except RbdPluginError as exc:
-                        log.warning("volume %s: lease check failed: %s", record.volume, exc)
+                if record.phase == "mounted":
+                    await self._check_one(record.volume)
+
+    async def _check_one(self, volume: str) -> None:
+        """Check one mounted volume's mapping and lease; no error stops the other checks."""
+        try:
+            # Under the volume's lock: a concurrent Unmount must not race the check.
+            async with self._volume(volume, "checking"):
+                record = self.attacher.table.get(volume)
+                if record is None or record.phase != "mounted":
+                    return
+                await self.attacher.check_mapping(record)
+                if not record.lost:
+                    await self.attacher.check_leases_of(volume)
+            self._trouble.pop(volume, None)
+        except CorruptLease as exc:
+            if self._trouble.get(volume) != str(exc):
+                log.error("volume %s: lease check: %s", volume, exc)
+            self._trouble[volume] = str(exc)
+        except RbdPluginError as exc:
+            log.warning("volume %s: lease check failed: %s", volume, exc)
+        except Exception:
+            log.exception("volume %s: lease check failed unexpectedly", volume)
 
     async def _refuse_if_held(self, name: str) -> None:
         info = await self._inspect_or_none(name)
@@ -392,10 +459,11 @@ class VolumeService:
             )
 
     async def close(self) -> None:
-        if self._checker is not None:
-            self._checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._checker
+        for task in (self._starter, self._checker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._tasks:  # let in-flight mounts and unmounts finish or roll back
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.backend.close()

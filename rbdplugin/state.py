@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,41 @@ log = logging.getLogger(__name__)
 
 def write_json(path: Path, data: Any) -> None:
     """Replace ``path`` with ``data`` as JSON so that readers see the old or the new file."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def host_uuid(state_dir: Path) -> str:
+    """This host's UUID, made once and kept in ``state_dir``: two machines that share a
+    hostname (or a reinstalled one) are never the same host in a lease."""
+    path = state_dir / "host-uuid"
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        value = ""
+    if _is_uuid(value):
+        return value
+    if value:
+        log.warning("%s does not hold a UUID (%r); making a new one", path, value[:40])
+    value = str(uuid.uuid4())
+    write_text(path, value + "\n")
+    return value
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)
@@ -54,7 +84,12 @@ class KnownVolumes:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._volumes: dict[str, dict[str, Any]] = read_json(path, {})
+        raw = read_json(path, {})
+        entries = raw.items() if isinstance(raw, dict) else ()
+        # A cache: entries of the wrong shape are dropped, never fatal.
+        self._volumes: dict[str, dict[str, Any]] = {
+            name: entry for name, entry in entries if isinstance(entry, dict)
+        }
 
     def names(self) -> list[str]:
         return sorted(self._volumes)

@@ -81,7 +81,10 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
 
 
 def unique(prefix: str = "v") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+    """A fresh volume name. Lengths vary (5-16 random characters) so that names of
+    different lengths, some possibly prefixes of others, meet throughout the suite."""
+    token = uuid.uuid4().hex
+    return f"{prefix}-{token[: 5 + int(token[-1], 16) % 12]}"
 
 
 class DaemonProcess:
@@ -171,8 +174,14 @@ class Admin:
             return bits
 
     def watchers(self, pool: str, image: str) -> list[str]:
-        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
-            return [w["addr"] for w in im.watchers_list()]
+        """Who has ``image`` open; nobody when it does not exist."""
+        with self.cluster.open_ioctx(pool) as ioctx:
+            try:
+                im = rbd.Image(ioctx, image, read_only=True)
+            except rbd.ImageNotFound:
+                return []
+            with im:
+                return [w["addr"] for w in im.watchers_list()]
 
     def create_image(self, pool: str, name: str, size: int, namespace: str = "") -> None:
         with self.cluster.open_ioctx(pool) as ioctx:

@@ -27,6 +27,10 @@ class VolumeInfo:
     created_by: str = ""
     # Never formatted by us yet: mkfs may use fast flags (still only after a blank probe).
     fresh: bool = False
+    # When our mkfs finished on it ("" if never): such a volume is never formatted again,
+    # even if it reads as blank; ``unformat_hint`` says how an operator clears the mark.
+    formatted: str = ""
+    unformat_hint: str = ""
     # Ceph clients that have the image open (a mapping anywhere shows here).
     watchers: tuple[str, ...] = ()
 
@@ -48,6 +52,10 @@ class VolumeBackend(Protocol):
 
     async def inspect(self, name: str) -> VolumeInfo:
         """The volume's info; :class:`~rbdplugin.errors.NotFound` if there is none."""
+        ...
+
+    async def removed_hint(self, name: str) -> str:
+        """How a removed volume ``name`` can be brought back (trash, kept copy), or ""."""
         ...
 
     async def names(self) -> list[str]:

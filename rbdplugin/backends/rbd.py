@@ -33,6 +33,9 @@ KEPT_MARK = "~removed-"
 # Read-only companion volumes (source= access=ro) are omap entries of this object in
 # the tenant's own pool and namespace (pool metadata would be shared across namespaces).
 COMPANIONS = "rbdplugin.companions"
+# When our mkfs finished. Images formatted before this key existed are recognised by
+# having been created by us (created_by) and no longer being fresh.
+FORMATTED = f"{META}formatted"
 
 
 class RbdBackend:
@@ -190,10 +193,37 @@ class RbdBackend:
                 created_at=created_at,
                 created_by=meta.get(f"{META}created_by", ""),
                 fresh=meta.get(f"{META}fresh") == "1",
+                formatted=_formatted(meta),
+                unformat_hint=f"rbd image-meta remove {self.location(pool, name)} {FORMATTED}",
                 watchers=watchers,
             )
 
         return await self.client.run(pool, f"reading volume {name!r}", read)
+
+    async def removed_hint(self, name: str) -> str:
+        ns = f" --namespace {self.tenant.namespace}" if self.tenant.namespace else ""
+
+        def look(ioctx: rados.Ioctx) -> tuple[list[dict[str, object]], list[str]]:
+            trashed = [dict(e) for e in rbd.RBD().trash_list(ioctx) if e["name"] == name]
+            kept = [e["name"] for e in rbd.RBD().list2(ioctx)
+                    if e["name"].startswith(f"{name}{KEPT_MARK}")]  # fmt: skip
+            return trashed, kept
+
+        for pool in self.tenant.pools:
+            trashed, kept = await self.client.run(pool, f"looking for removed {name!r}", look)
+            if trashed:
+                entry = trashed[-1]
+                return (
+                    f"It is in the trash of pool {pool} (image id {entry['id']}); bring it "
+                    f"back with: rbd trash restore --pool {pool}{ns} {entry['id']}"
+                )
+            if kept:
+                return (
+                    f"It was kept as image {self.location(pool, sorted(kept)[-1])}; bring it "
+                    f"back with: rbd rename {self.location(pool, sorted(kept)[-1])} "
+                    f"{self.location(pool, name)}"
+                )
+        return ""
 
     async def names(self) -> list[str]:
         found: dict[str, None] = {}
@@ -228,7 +258,10 @@ class RbdBackend:
         await self._set_meta(name, {f"{META}formatting": datetime.now(UTC).isoformat()})
 
     async def formatting_done(self, name: str) -> None:
-        await self._set_meta(name, {f"{META}formatting": None, f"{META}fresh": None})
+        done = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await self._set_meta(
+            name, {FORMATTED: done, f"{META}formatting": None, f"{META}fresh": None}
+        )
 
     async def formatting_interrupted(self, name: str) -> bool:
         pool = await self._pool_of(name)
@@ -314,6 +347,15 @@ def _is_volume_name(name: str) -> bool:
     except InvalidArgument:
         return False
     return True
+
+
+def _formatted(meta: Mapping[str, str]) -> str:
+    if meta.get(FORMATTED):
+        return f"at {meta[FORMATTED]}"
+    made_by_us = bool(meta.get(f"{META}created_by"))
+    if made_by_us and f"{META}fresh" not in meta and f"{META}formatting" not in meta:
+        return "(before formatting times were recorded)"
+    return ""
 
 
 def _iso(when: datetime) -> str:

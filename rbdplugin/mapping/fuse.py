@@ -34,8 +34,18 @@ PROGRAM = "qemu-storage-daemon"
 POLL = 0.02
 
 
+# sysfs shows a loop device's backing file with this suffix once the file is unlinked.
+DELETED = " (deleted)"
+
+
 def _qemu_escape(value: str) -> str:
     return value.replace(",", ",,")  # QEMU option syntax: a literal comma is doubled
+
+
+def _qemu_options(arg: str) -> list[str]:
+    """The key=value items of one QEMU option string, commas still escaped as ",,"."""
+    marker = "\0"  # cannot occur in a command-line argument
+    return [item.replace(marker, ",,") for item in arg.replace(",,", marker).split(",")]
 
 
 class FuseMapper:
@@ -106,14 +116,22 @@ class FuseMapper:
             f"the FUSE export of {image.spec} was not ready within {self.timeout:.0f} s"
         )
 
-    async def find(self, image: ImageRef) -> MappedDevice | None:
-        export = self.export_path(image)
-        pids = processes(self.host, PROGRAM, f"mountpoint={export}")
-        loops = [
+    def _export_pids(self, export: str) -> list[int]:
+        """The export processes serving exactly ``export`` (never ``export`` + a suffix)."""
+        wanted = f"mountpoint={_qemu_escape(export)}"
+        return processes(self.host, PROGRAM, lambda arg: wanted in _qemu_options(arg))
+
+    def _loops_of(self, export: str) -> list[str]:
+        return [
             dev
             for dev, backing in loop_backing_files(self.host).items()
-            if backing.startswith(str(export))
+            if backing.removesuffix(DELETED) == export
         ]
+
+    async def find(self, image: ImageRef) -> MappedDevice | None:
+        export = self.export_path(image)
+        pids = self._export_pids(str(export))
+        loops = self._loops_of(str(export))
         exported = str(export) in mounts(self.host)
         if not (pids or loops or exported):
             return None
@@ -121,14 +139,23 @@ class FuseMapper:
         details: dict[str, str | int] = {"pid": pids[0] if pids else 0, "export": str(export)}
         return MappedDevice(self.name, image.spec, loops[0] if whole else "", details)
 
+    async def broken(self, mapped: MappedDevice) -> str | None:
+        export = str(mapped.details.get("export", ""))
+        if not self._export_pids(export):
+            return f"its export process ({PROGRAM} for {export}) is gone"
+        if export not in mounts(self.host):
+            return f"its FUSE export {export} is no longer mounted"
+        if mapped.device not in self._loops_of(export):
+            return f"{mapped.device} is no longer attached to its export {export}"
+        return None
+
     async def unmap(self, mapped: MappedDevice) -> None:
         export = str(mapped.details.get("export", ""))
         if not export:
             return
-        for device, backing in loop_backing_files(self.host).items():
-            if backing.startswith(export):
-                await self._detach(device)
-        for pid in processes(self.host, PROGRAM, f"mountpoint={export}"):
+        for device in self._loops_of(export):
+            await self._detach(device)
+        for pid in self._export_pids(export):
             if not await stop_pid_async(pid, timeout=self.timeout / 2):
                 raise ProcessError(f"the export process {pid} of {mapped.image} did not stop")
         if export in mounts(self.host):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from rbdplugin.mapping import HostPaths
@@ -22,14 +23,14 @@ def cmdline(host: HostPaths, pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def processes(host: HostPaths, program: str, needle: str) -> list[int]:
-    """Pids whose argv[0] ends in ``program`` and whose arguments contain ``needle``."""
+def processes(host: HostPaths, program: str, match: Callable[[str], bool]) -> list[int]:
+    """Pids whose argv[0] ends in ``program`` and one of whose arguments ``match``es."""
     found = []
     for entry in host.proc.iterdir():
         if not entry.name.isdigit():
             continue
         argv = cmdline(host, int(entry.name))
-        if argv and Path(argv[0]).name == program and any(needle in arg for arg in argv[1:]):
+        if argv and Path(argv[0]).name == program and any(match(arg) for arg in argv[1:]):
             found.append(int(entry.name))
     return sorted(found)
 

@@ -8,7 +8,9 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,13 +18,10 @@ from pathlib import Path
 import pytest
 
 from rbdplugin.devcluster import DevCluster
-from rbdplugin.mapping import HostPaths
-from rbdplugin.mapping.scan import loop_backing_files, mounts, processes
 from rbdplugin.units import MiB
+from tests import oracle
 from tests.conftest import WATCH_TIMEOUT, StartDaemon, tenant_toml
 from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
-
-HOST = HostPaths()
 
 
 def mount(client: PluginClient, name: str, mount_id: str) -> str:
@@ -37,28 +36,33 @@ def unmount(client: PluginClient, name: str, mount_id: str) -> None:
     assert client.call("VolumeDriver.Unmount", {"Name": name, "ID": mount_id}) == {"Err": ""}
 
 
+def _daemon_dirs(daemon: DaemonProcess) -> tuple[Path, Path]:
+    """The daemon's own state_dir and mount_root, read from its config file."""
+    settings = tomllib.loads(daemon.config.read_text())["daemon"]
+    return Path(settings["state_dir"]), Path(settings["mount_root"])
+
+
 def export_of(daemon: DaemonProcess, pool: str, name: str) -> str:
-    return str(daemon.config.parent / "state" / "exports" / pool / "-" / name)
+    return str(_daemon_dirs(daemon)[0] / "exports" / pool / "-" / name)
 
 
 def leftovers(daemon: DaemonProcess, admin: Admin, tenant: str, name: str) -> list[str]:
     """Everything a mount of ``name`` could leave behind; empty when it is all gone."""
     found = []
-    mountpoint = str(daemon.config.parent / "mounts" / tenant / name)
-    if mountpoint in mounts(HOST):
+    state_dir, mount_root = _daemon_dirs(daemon)
+    mountpoint = mount_root / tenant / name
+    if oracle.is_mounted(mountpoint):
         found.append(f"still mounted at {mountpoint}")
     export = export_of(daemon, tenant, name)
-    if export in mounts(HOST):
+    if oracle.is_mounted(export):
         found.append(f"FUSE export still mounted at {export}")
-    found += [
-        f"loop {dev}" for dev, back in loop_backing_files(HOST).items() if back.startswith(export)
-    ]
+    found += [f"loop {dev}" for dev in oracle.loops_backed_by(export)]
     found += [
         f"export process {pid}"
-        for pid in processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")
+        for pid in oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")
     ]
     found += [f"watcher {w}" for w in admin.watchers(tenant, name)]
-    table = daemon.config.parent / "state" / tenant / "mounts.json"
+    table = state_dir / tenant / "mounts.json"
     if table.exists() and name in json.loads(table.read_text()):
         found.append("entry in mounts.json")
     return found
@@ -72,7 +76,7 @@ def test_mount_write_unmount_remount_keeps_data(daemon: DaemonProcess, admin: Ad
     client, name = daemon.client("alpha"), unique()
     assert client.create(name, {"size": "256M"}) == {"Err": ""}
     path = Path(mount(client, name, "c1"))
-    assert mounts(HOST)[str(path)][1] == "ext4"
+    assert oracle.fstype_at(path) == "ext4"
     data = os.urandom(3 * MiB + 17)
     (path / "blob").write_bytes(data)
     expected = hashlib.sha256(data).hexdigest()
@@ -96,22 +100,25 @@ def test_mount_write_unmount_remount_keeps_data(daemon: DaemonProcess, admin: Ad
 
 def test_counts_per_id_and_nested_mounts(daemon: DaemonProcess, admin: Admin) -> None:
     client, name = daemon.client("alpha"), unique()
-    first = mount(client, name, "a")  # implicit create with alpha's defaults
+    assert client.create(name) == {"Err": ""}  # Opts null: an implicit create, alpha's defaults
+    first = mount(client, name, "a")
     assert mount(client, name, "a") == first  # docker cp / copy-up reuse the ID
     assert mount(client, name, "b") == first
     assert client.get(name)["Volume"]["Status"]["mounts"] == {"a": 2, "b": 1}
     unmount(client, name, "a")
     unmount(client, name, "b")
-    assert first in mounts(HOST)  # "a" still holds it once
+    assert oracle.is_mounted(first)  # "a" still holds it once
     unmount(client, name, "unknown-id")  # harmless
-    assert first in mounts(HOST)
+    assert oracle.is_mounted(first)
     unmount(client, name, "a")
     assert leftovers(daemon, admin, "alpha", name) == []
     unmount(client, name, "a")  # again: harmless
 
 
-def test_implicit_create_on_mount(daemon: DaemonProcess, admin: Admin) -> None:
+def test_implicit_create_then_mount(daemon: DaemonProcess, admin: Admin) -> None:
+    # `docker run -v name:/x` sends Create with Opts null, then Mount.
     client, name = daemon.client("alpha"), unique("implicit")
+    assert client.create(name) == {"Err": ""}
     path = mount(client, name, "x")
     assert admin.size("alpha", name) == 1024 * MiB
     assert admin.metadata("alpha", name)["rbdplugin.fstype"] == "ext4"
@@ -129,8 +136,8 @@ def test_parallel_mounts_of_one_volume_make_one_mapping(
         paths = set(pool.map(lambda i: mount(client, name, f"id{i}"), range(10)))
     assert len(paths) == 1
     export = export_of(daemon, "alpha", name)
-    assert len(processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")) == 1
-    assert len([d for d, b in loop_backing_files(HOST).items() if b.startswith(export)]) == 1
+    assert len(oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")) == 1
+    assert len(oracle.loops_backed_by(export)) == 1
     assert len(admin.watchers("alpha", name)) == 2  # the mapping, and our presence handle
     assert client.get(name)["Volume"]["Status"]["mounts"] == {f"id{i}": 1 for i in range(10)}
     with ThreadPoolExecutor(10) as pool:
@@ -145,7 +152,7 @@ def test_eight_volumes_mount_in_parallel(daemon: DaemonProcess, admin: Admin) ->
         assert client.create(name, {"size": "64M"}) == {"Err": ""}
     with ThreadPoolExecutor(8) as pool:
         paths = list(pool.map(lambda n: mount(client, n, "c"), names))
-    devices = {mounts(HOST)[p][0] for p in paths}
+    devices = {oracle.source_at(p) for p in paths}
     assert len(devices) == 8
     for path in paths:
         Path(path, "marker").write_text(path)
@@ -157,6 +164,7 @@ def test_eight_volumes_mount_in_parallel(daemon: DaemonProcess, admin: Admin) ->
 
 def test_remove_of_a_mounted_volume_is_refused(daemon: DaemonProcess, admin: Admin) -> None:
     client, name = daemon.client("beta"), unique()
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
     path = mount(client, name, "c")
     err = client.remove(name)["Err"]
     assert f"volume '{name}' is mounted on host host-a at {path}" in err
@@ -172,7 +180,7 @@ def test_xfs_volume(daemon: DaemonProcess, admin: Admin) -> None:
         "Err": ""
     }
     path = mount(client, name, "c")
-    assert mounts(HOST)[path][1] == "xfs"
+    assert oracle.fstype_at(path) == "xfs"
     unmount(client, name, "c")
     assert leftovers(daemon, admin, "alpha", name) == []
 
@@ -196,7 +204,7 @@ def hand_mapped(cluster: DevCluster, short_tmp: Path) -> Iterator[object]:
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 10
-        while str(export) not in mounts(HOST):
+        while not oracle.is_mounted(export):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         loop = subprocess.check_output(
@@ -236,7 +244,7 @@ def test_a_filesystem_made_by_hand_is_never_reformatted(
         f"mount DEV {scratch} && echo precious > {scratch}/keep && umount {scratch}",
     )
     path = Path(mount(client, name, "c"))
-    assert mounts(HOST)[str(path)][1] == "xfs"  # mounted as it is, not made ext4
+    assert oracle.fstype_at(path) == "xfs"  # mounted as it is, not made ext4
     assert (path / "keep").read_text() == "precious\n"
     unmount(client, name, "c")
     assert leftovers(daemon, admin, "alpha", name) == []
@@ -259,9 +267,13 @@ def test_a_device_with_a_foreign_signature_is_refused_untouched(
 
 
 def _alpha_daemon(
-    cluster: DevCluster, daemon_factory: StartDaemon, state: Path, **extra: object
+    cluster: DevCluster,
+    daemon_factory: StartDaemon,
+    state: Path,
+    tenant_extra: dict[str, object] | None = None,
+    **extra: object,
 ) -> DaemonProcess:
-    tenants = tenant_toml(cluster, "alpha", default_size="64M")
+    tenants = tenant_toml(cluster, "alpha", default_size="64M", **(tenant_extra or {}))
     return daemon_factory(tenants, wait_for="alpha", state_dir=str(state),
                           mount_root=str(state.parent / "mounts"), **extra)  # fmt: skip
 
@@ -272,10 +284,11 @@ def test_restart_keeps_a_mount_in_use(
     state = short_tmp / unique("rs") / "state"
     first = _alpha_daemon(cluster, daemon_factory, state)
     client, name = first.client("alpha"), unique()
+    assert client.create(name) == {"Err": ""}
     path = Path(mount(client, name, "c1"))
     mount(client, name, "c1")
     export = str(state / "exports" / "alpha" / "-" / name)
-    pid = processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")
+    pid = oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")
     writer = subprocess.Popen(["sh", "-c", f"while :; do date >> {path}/log; sleep 0.05; done"])
     try:
         first.kill()  # crash: the container keeps writing through the mapping
@@ -285,7 +298,7 @@ def test_restart_keeps_a_mount_in_use(
         status = client.get(name)["Volume"]["Status"]
         assert status["mounts"] == {"c1": 2}
         assert (
-            processes(HOST, "qemu-storage-daemon", f"mountpoint={export}") == pid
+            oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}") == pid
         )  # adopted, not remapped
         lines = len((path / "log").read_text().splitlines())
         time.sleep(0.3)
@@ -295,7 +308,7 @@ def test_restart_keeps_a_mount_in_use(
         writer.wait()
     unmount(client, name, "c1")
     unmount(client, name, "c1")
-    assert not mounts(HOST).get(str(path))
+    assert not oracle.is_mounted(path)
     # Only the killed daemon's own watch can linger, until Ceph's watch timeout.
     wait_until(lambda: admin.watchers("alpha", name) == [], WATCH_TIMEOUT + 5, "stale watch expiry")
     second.stop()
@@ -307,15 +320,18 @@ def test_restart_cleans_a_stale_entry(
     state = short_tmp / unique("st") / "state"
     first = _alpha_daemon(cluster, daemon_factory, state)
     name = unique()
+    assert first.client("alpha").create(name) == {"Err": ""}
     path = mount(first.client("alpha"), name, "c1")
     assert first.stop() == 0  # a clean stop leaves mounts in place
-    assert path in mounts(HOST)
+    assert oracle.is_mounted(path)
     subprocess.run(["umount", path], check=True)  # someone unmounted it behind our back
     second = _alpha_daemon(cluster, daemon_factory, state)
     client = second.client("alpha")
     assert "mountpoint" not in client.get(name)["Volume"]["Status"]
     export = str(state / "exports" / "alpha" / "-" / name)
-    assert processes(HOST, "qemu-storage-daemon", f"mountpoint={export}") == []
+    # Reconcile runs in the background once the socket answers.
+    wait_until(lambda: leftovers(second, admin, "alpha", name) == [], 10, "reconcile")
+    assert oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}") == []
     assert admin.watchers("alpha", name) == []
     mount(client, name, "c2")
     unmount(client, name, "c2")
@@ -332,3 +348,124 @@ def test_a_retry_of_an_in_flight_mount_joins_it(daemon: DaemonProcess, admin: Ad
     assert "joins the one in flight" in daemon.log()
     unmount(client, name, "same")  # one Unmount undoes it, as Docker will send one
     assert leftovers(daemon, admin, "alpha", name) == []
+
+
+# -- issue 9: data loss and host safety ------------------------------------------------------
+
+
+def test_volumes_whose_names_are_prefixes_of_each_other_stay_apart(
+    daemon: DaemonProcess, admin: Admin
+) -> None:
+    client = daemon.client("alpha")
+    short = unique("app")
+    long = f"{short}-data"  # its export, loop backing file and process argument extend short's
+    for name in (short, long):
+        assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    long_path = Path(mount(client, long, "c"))
+    (long_path / "kept").write_text("long's data")
+    long_export = export_of(daemon, "alpha", long)
+    long_loops = oracle.loops_backed_by(long_export)
+    long_pids = oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={long_export}")
+    assert len(long_loops) == 1 and len(long_pids) == 1
+
+    short_path = Path(mount(client, short, "c"))  # must not take long's mapping for a leftover
+    assert oracle.source_at(short_path) not in long_loops
+    unmount(client, short, "c")  # must not detach long's loop or stop long's export
+    assert leftovers(daemon, admin, "alpha", short) == []
+
+    assert oracle.source_at(long_path) == long_loops[0]
+    assert oracle.loops_backed_by(long_export) == long_loops
+    assert (
+        oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={long_export}") == long_pids
+    )
+    with open(long_path / "more", "w") as fh:  # I/O still reaches the image
+        fh.write("still writable")
+        fh.flush()
+        os.fsync(fh.fileno())
+    assert (long_path / "kept").read_text() == "long's data"
+    unmount(client, long, "c")
+    assert leftovers(daemon, admin, "alpha", long) == []
+
+
+def test_mount_never_recreates_a_removed_volume(daemon: DaemonProcess, admin: Admin) -> None:
+    # Docker calls Mount without Create when a container restarts: a volume removed in the
+    # meantime (perhaps from another host) must not come back empty.
+    client, name = daemon.client("alpha"), unique("gone")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    assert client.remove(name) == {"Err": ""}  # alpha's policy: trash
+    err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})["Err"]
+    assert f"volume '{name}' does not exist any more" in err
+    assert "not re-created empty" in err
+    assert "rbd trash restore --pool alpha " in err
+    assert name not in admin.images("alpha")
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+    beta = daemon.client("beta")  # delete policy: nothing to restore, still not re-created
+    assert beta.create(name, {"size": "64M"}) == {"Err": ""}
+    assert beta.remove(name) == {"Err": ""}
+    assert (
+        "does not exist any more"
+        in beta.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})["Err"]
+    )
+    assert name not in admin.images("beta")
+
+
+def test_volume_mounts_are_nosuid_and_nodev(
+    cluster: DevCluster, daemon: DaemonProcess, daemon_factory: StartDaemon, admin: Admin,
+    short_tmp: Path,
+) -> None:  # fmt: skip
+    client, name = daemon.client("alpha"), unique("safe")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    path = mount(client, name, "c")
+    entry = oracle.mount_at(path)
+    assert entry is not None
+    assert {"nosuid", "nodev"} <= set(entry["mount_options"].split(","))
+    unmount(client, name, "c")
+
+    state = short_tmp / unique("suid") / "state"  # a tenant that explicitly opts out
+    lax = _alpha_daemon(cluster, daemon_factory, state, tenant_extra={"nosuid_nodev": False})
+    client = lax.client("alpha")
+    assert client.create(name) == {"Err": ""}
+    path = mount(client, name, "c")
+    entry = oracle.mount_at(path)
+    assert entry is not None
+    assert not {"nosuid", "nodev"} & set(entry["mount_options"].split(","))
+    unmount(client, name, "c")
+    lax.stop()
+
+
+def test_a_dead_export_shows_the_volume_broken_and_unmount_still_cleans_up(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path
+) -> None:
+    state = short_tmp / unique("br") / "state"
+    daemon = _alpha_daemon(cluster, daemon_factory, state, lease_check_seconds=1)
+    client, name = daemon.client("alpha"), unique("broken")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    mount(client, name, "c")
+    assert "broken" not in client.get(name)["Volume"]["Status"]
+    export = str(state / "exports" / "alpha" / "-" / name)
+    (pid,) = oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")
+    os.kill(pid, 9)  # the export dies under the mounted filesystem
+
+    def broken() -> bool:
+        return "broken" in client.get(name)["Volume"]["Status"]
+
+    wait_until(broken, 1 + 5, "Get reporting the broken mapping")
+    status = client.get(name)["Volume"]["Status"]
+    assert "export process" in status["broken"] and "is gone" in status["broken"]
+    done = subprocess.run(
+        [sys.executable, "-m", "rbdplugin", "status", "--json", "--config", str(daemon.config)],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    (entry,) = [v for v in json.loads(done.stdout)["volumes"] if v["volume"] == name]
+    assert "is gone" in entry["broken"]
+    err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "d"})["Err"]
+    assert "broken" in err  # no new reference on a mapping that cannot do I/O
+    unmount(client, name, "c")
+    # Only the killed export's watch may linger, until Ceph's watch timeout.
+    wait_until(lambda: leftovers(daemon, admin, "alpha", name) == [], WATCH_TIMEOUT + 5, "clean-up")
+    path = Path(mount(client, name, "e"))  # mapped afresh
+    (path / "ok").write_text("fine")
+    unmount(client, name, "e")
+    assert leftovers(daemon, admin, "alpha", name) == []
+    daemon.stop()

@@ -10,24 +10,26 @@ logic, is real.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from rbdplugin.devcluster import DevCluster
-from rbdplugin.mapping import HostPaths
-from rbdplugin.mapping.scan import mounts, processes
+from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
 from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
 from tests.integration.test_mount import leftovers, mount, unmount
 
-HOST = HostPaths()
-TOOLS = ("qemu-storage-daemon", "losetup", "blkid", "mkfs.ext4", "mount")
+TOOLS = ("qemu-storage-daemon", "losetup", "blkid", "cmp", "mkfs.ext4", "mount", "umount")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 WRAPPER = """#!/bin/sh
@@ -37,6 +39,10 @@ ctl="CTL"
 real=$(PATH="SYSTEM_PATH" command -v "$tool")
 armed() { [ -e "$ctl/$1.$tool" ] && echo "$*" | grep -q -- "$(cat "$ctl/$1.$tool")"; }
 if armed fail "$@"; then echo "$tool: injected failure" >&2; exit 1; fi
+if armed exit "$@"; then exit "$(cat "$ctl/exit-arg.$tool")"; fi
+if armed slow "$@"; then sleep "$(cat "$ctl/slow-arg.$tool")"; fi
+# Stuck in the kernel: a direct read of a FUSE file whose server takes its time survives SIGKILL.
+if armed stuck "$@"; then exec dd if="$ctl/../slow" of=/dev/null bs=4096 count=1 iflag=direct; fi
 wait_flag() {
   touch "$ctl/hanging.$tool"
   while [ -e "$ctl/$1.$tool" ]; do kill -0 "$PPID" 2>/dev/null || exit 1; sleep 0.05; done
@@ -52,7 +58,11 @@ class Faults:
     ctl: Path
     bin: Path
 
-    def arm(self, kind: str, tool: str, when: str = "") -> None:
+    def arm(self, kind: str, tool: str, when: str = "", arg: str = "") -> None:
+        """Make ``tool`` misbehave as ``kind`` when its arguments contain ``when``;
+        ``arg`` is the exit code (kind exit) or the seconds to sleep first (kind slow)."""
+        if arg:
+            (self.ctl / f"{kind}-arg.{tool}").write_text(arg)
         (self.ctl / f"{kind}.{tool}").write_text(when)
 
     def clear(self) -> None:
@@ -126,13 +136,14 @@ def test_a_hung_stage_is_killed_within_the_deadline(
 ) -> None:
     daemon = start(cluster, daemon_factory, short_tmp / unique("h") / "state", faults)
     client, name = daemon.client("alpha"), unique()
+    assert client.create(name) == {"Err": ""}
     faults.arm("hang", "mkfs.ext4")
     started = time.monotonic()
     reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})
     elapsed = time.monotonic() - started
     assert "did not finish within 8 s" in reply["Err"]
     assert elapsed < 8 + 15  # the budget, plus the roll-back
-    assert processes(HOST, "sh", str(faults.bin / "mkfs.ext4")) == []  # the hung child is gone
+    assert oracle.pids_of_program_with("sh", str(faults.bin / "mkfs.ext4")) == []  # child gone
     assert leftovers(daemon, admin, "alpha", name) == []
     daemon.stop()
 
@@ -173,7 +184,7 @@ def test_kill_9_at_each_stage_then_restart(
     wait_until(lambda: leftovers(second, admin, "alpha", name) == [], 5, "clean-up")
     client = second.client("alpha")
     path = Path(mount(client, name, "c2"))
-    assert mounts(HOST)[str(path)][1] == "ext4"
+    assert oracle.fstype_at(path) == "ext4"
     (path / "after-crash").write_text("fine")
     if (kind, tool) == ("after", "mkfs.ext4"):  # a filesystem and our formatting mark
         assert "finishing an interrupted mkfs" in second.log()
@@ -196,3 +207,123 @@ def _mount_in_background(socket_path: Path, name: str) -> threading.Thread:
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
     return thread
+
+
+# -- issue 9 -----------------------------------------------------------------------------
+
+
+def _write_blob(path: Path) -> str:
+    data = os.urandom(1024 * 1024 + 7)
+    with open(path / "blob", "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_an_unreadable_device_is_never_taken_for_blank(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path, faults: Faults
+) -> None:
+    daemon = start(cluster, daemon_factory, short_tmp / unique("b") / "state", faults)
+    client, name = daemon.client("alpha"), unique("data")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    expected = _write_blob(Path(mount(client, name, "c")))
+    unmount(client, name, "c")
+
+    # blkid exits 2 ("nothing found") when it cannot read the device either.
+    faults.arm("exit", "blkid", arg="2")
+    err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})["Err"]
+    assert f"volume '{name}'" in err and "never formatted over" in err, err
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+    # Even a device that reads as all zeros is not formatted: the image says we formatted it.
+    faults.arm("exit", "cmp", arg="0")
+    err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})["Err"]
+    assert "reads as blank; refusing to format it" in err, err
+    assert f"rbd image-meta remove alpha/{name} rbdplugin.formatted" in err
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+    faults.clear()
+    path = Path(mount(client, name, "c"))
+    assert hashlib.sha256((path / "blob").read_bytes()).hexdigest() == expected
+    unmount(client, name, "c")
+    daemon.stop()
+
+
+def test_a_slow_teardown_is_never_abandoned_nor_raced(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path, faults: Faults
+) -> None:
+    # op_timeout 8 s: a clean-up gets 4 s before the caller is answered, then goes on.
+    state = short_tmp / unique("t") / "state"
+    daemon = start(cluster, daemon_factory, state, faults)
+    client, name = daemon.client("alpha"), unique("slow")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    mount(client, name, "c")
+    faults.arm("slow", "umount", arg="3")
+    faults.arm("slow", "losetup", "--detach", arg="3")
+    started = time.monotonic()
+    err = client.call("VolumeDriver.Unmount", {"Name": name, "ID": "c"})["Err"]
+    assert "clean-up did not finish within 4 s; it goes on in the background" in err, err
+    assert time.monotonic() - started < 8
+    # While that clean-up runs, the volume takes no Mount (it would race the clean-up).
+    err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "d"})["Err"]
+    assert "clean-up of its previous mount" in err and "still running" in err, err
+    wait_until(lambda: leftovers(daemon, admin, "alpha", name) == [], 15, "the clean-up")
+    faults.clear()
+    path = Path(mount(client, name, "d"))
+    time.sleep(2)  # nothing left over may touch the new mount's record or lease now
+    table = json.loads((state / "alpha" / "mounts.json").read_text())
+    assert table[name]["counts"] == {"d": 1}
+    assert oracle.is_mounted(path)
+    with admin.cluster.open_ioctx("alpha") as ioctx:
+        lease = json.loads(ioctx.read(f"rbdplugin.lease.{name}", 65536))
+    assert lease["writer"]["host"] == "host-a"
+    unmount(client, name, "d")
+    assert leftovers(daemon, admin, "alpha", name) == []
+    daemon.stop()
+
+
+@pytest.fixture
+def slow_fuse(faults: Faults) -> Iterator[None]:
+    """``faults.ctl/../slow``: a FUSE file whose reads take 12 s in its server."""
+    export = faults.ctl.parent / "slow"
+    export.touch()
+    server = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev",
+         "driver=null-co,node-name=n0,size=1048576,latency-ns=12000000000",
+         "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={export},writable=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_until(lambda: oracle.is_mounted(export), 10, "the slow FUSE file")
+    yield
+    server.terminate()
+    server.wait(30)
+
+
+def test_a_tool_stuck_in_the_kernel_fails_the_mount_at_its_deadline(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path,
+    faults: Faults, slow_fuse: None,
+) -> None:  # fmt: skip
+    daemon = start(cluster, daemon_factory, short_tmp / unique("d") / "state", faults)
+    client, name = daemon.client("alpha"), unique("stuck")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    faults.arm("stuck", "mkfs.ext4")
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        pending = pool.submit(client.call, "VolumeDriver.Mount", {"Name": name, "ID": "c"})
+        time.sleep(9)  # past the 8 s deadline: mkfs was killed but sits in the kernel
+        asked = time.monotonic()
+        assert name in client.names()  # the daemon still answers at once
+        assert time.monotonic() - asked < 2
+        err = pending.result(timeout=30)["Err"]
+        elapsed = time.monotonic() - started
+    assert "did not finish within 8 s" in err, err  # the Mount's deadline (or mkfs's own)
+    assert elapsed < 12 + 4  # the deadline, the grace after SIGKILL, the roll-back; not 12 s more
+    log = daemon.log()
+    assert "did not die after SIGKILL: it is stuck in the kernel (state D" in log
+    wait_until(lambda: leftovers(daemon, admin, "alpha", name) == [], 20, "the roll-back")
+    faults.clear()
+    path = Path(mount(client, name, "c2"))
+    assert oracle.fstype_at(path) == "ext4"
+    unmount(client, name, "c2")
+    daemon.stop()
