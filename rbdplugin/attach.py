@@ -322,11 +322,14 @@ class Attacher:
         image = self.image_ref(record.pool, record.image)
         # Another volume mounted here on the same image owns that mapping and claim.
         shared = bool(self._sharing(record))
-        found = None if shared else await self.mapper.find(image)
-        for mapped in (record.mapped, found):
-            if mapped is not None:
-                with self.metrics.stage("unmap"):
-                    await self.mapper.unmap(mapped)
+        if record.mapped is not None:
+            with self.metrics.stage("unmap"):
+                await self.mapper.unmap(record.mapped)
+        # Then whatever of the image is still mapped: a partial mapping left by a crash.
+        leftover = None if shared else await self.mapper.find(image)
+        if leftover is not None:
+            with self.metrics.stage("unmap"):
+                await self.mapper.unmap(leftover)
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
         if self.table.get(record.volume) is not record:
