@@ -3,19 +3,31 @@
 Tests marked ``ceph`` talk to the cluster; it starts on first use (about 2 s) and
 stops at the end of the session. Every test uses volume names of its own, so
 tests share the cluster and the daemon without seeing each other.
+
+Tests never skip silently. A test whose tools are missing fails, naming the Debian
+packages to install, unless the run opts out of its group with the group's variable
+(``RBDPLUGIN_SKIP_E2E=1``, ``RBDPLUGIN_SKIP_PROMETHEUS=1``); the terminal summary then
+says what was not run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import shutil
+import signal
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from rbdplugin.devcluster import DevCluster
+from tests import oracle
 from tests.helpers import Admin, DaemonProcess, write_config
 
 # alpha: trash policy (default); beta: delete; gamma: keep; delta: quotas.
@@ -24,12 +36,87 @@ TENANTS = ("alpha", "beta", "gamma", "delta")
 WATCH_TIMEOUT = 10
 
 
+@dataclass(frozen=True)
+class ToolGroup:
+    """The tests carrying ``marker`` need ``tools`` (program or absolute path -> Debian package)."""
+
+    marker: str
+    what: str
+    tools: dict[str, str]
+    opt_out: str = ""  # the environment variable that skips the group; "" = none
+
+    @property
+    def opted_out(self) -> bool:
+        return bool(self.opt_out) and os.environ.get(self.opt_out, "") not in ("", "0")
+
+    @functools.cached_property
+    def missing(self) -> dict[str, str]:
+        def found(tool: str) -> bool:
+            return Path(tool).exists() if tool.startswith("/") else shutil.which(tool) is not None
+
+        return {tool: package for tool, package in self.tools.items() if not found(tool)}
+
+
+TOOL_GROUPS = (
+    ToolGroup("ceph", "the tests against a real Ceph cluster (-m 'not ceph' runs the others)", {
+        "ceph-mon": "ceph-mon", "ceph-osd": "ceph-osd",
+        "qemu-storage-daemon": "qemu-system-common", "fusermount3": "fuse3",
+        "losetup": "mount", "blkid": "util-linux", "mkfs.ext4": "e2fsprogs",
+        "mkfs.xfs": "xfsprogs",
+    }),
+    ToolGroup("e2e", "the docker journeys (tests/e2e)", {
+        "dockerd": "docker.io", "/usr/bin/docker": "docker.io", "containerd": "containerd",
+        "/bin/busybox": "busybox-static",
+    }, opt_out="RBDPLUGIN_SKIP_E2E"),
+    ToolGroup("prometheus", "the tests with a real Prometheus server and promtool", {
+        "prometheus": "prometheus", "promtool": "prometheus",
+    }, opt_out="RBDPLUGIN_SKIP_PROMETHEUS"),
+)  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "prometheus: needs a real Prometheus server or promtool")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.path.parts or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.ceph)
         if "e2e" in item.path.parts:
             item.add_marker(pytest.mark.e2e)
+        for group in TOOL_GROUPS:
+            if group.opted_out and item.get_closest_marker(group.marker):
+                item.add_marker(pytest.mark.skip(reason=f"opted out by {group.opt_out}"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for group in TOOL_GROUPS:
+        if group.missing and item.get_closest_marker(group.marker):
+            tools = ", ".join(group.missing)
+            packages = " ".join(sorted(set(group.missing.values())))
+            hint = f", or set {group.opt_out}=1 to run without them" if group.opt_out else ""
+            pytest.fail(
+                f"{tools} not found, needed by {group.what}: "
+                f"apt-get install {packages} (make setup does){hint}",
+                pytrace=False,
+            )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    lines = []
+    for group in TOOL_GROUPS:
+        if group.opted_out:
+            count = sum(1 for report in skipped if group.marker in report.keywords)
+            lines.append(f"{group.opt_out}={os.environ[group.opt_out]}: {count} test(s) not "
+                         f"run: {group.what}")  # fmt: skip
+    opted = {group.marker for group in TOOL_GROUPS if group.opted_out}
+    other = [r.nodeid for r in skipped if not opted & set(r.keywords)]
+    lines += [f"skipped without an opt-out (a bug in the tests): {nodeid}" for nodeid in other]
+    if lines:
+        terminalreporter.section("NOT RUN", sep="=", yellow=True, bold=True)
+        for line in lines:
+            terminalreporter.write_line(line, yellow=True)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +124,23 @@ def short_tmp() -> Iterator[Path]:
     # Unix socket paths must stay under 108 bytes: keep the root short.
     root = Path(tempfile.mkdtemp(prefix="rbdp-", dir="/tmp"))
     yield root
+    _take_down_under(root)
     shutil.rmtree(root, ignore_errors=True)
+
+
+def _take_down_under(root: Path) -> None:
+    """Detach whatever a failed test left mounted or mapped under ``root`` first: a
+    recursive delete must never walk into (and empty) a mounted volume."""
+    inside = f"{root}/"
+    for entry in reversed(oracle.mountinfo()):
+        if entry["target"].startswith(inside):
+            subprocess.run(["umount", "--lazy", entry["target"]], check=False)
+    for pid in oracle.pids_of_program_with("qemu-storage-daemon", inside):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for device, backing in oracle.loop_devices().items():
+        if backing.startswith(inside):
+            subprocess.run(["losetup", "--detach", device], check=False)
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +176,8 @@ def daemon_toml(root: Path, conf: Path, tenants: str, **daemon: object) -> str:
         "mount_root": str(root / "mounts"),
         "host_id": "host-a",
         "metrics": "",
+        # The tests read FUSE exports and loop devices; the kernel tier sets krbd or nbd.
+        "mapper": os.environ.get("RBDPLUGIN_TEST_MAPPER", "fuse"),
         **daemon,
     }
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())

@@ -4,7 +4,10 @@ Each test session starts its own dockerd (Debian's docker.io): private data and
 exec roots under a short path, its own socket, no bridge and no iptables changes.
 A tiny image is made from busybox-static with ``docker import``; nothing is pulled.
 Docker finds our daemon through ``/etc/docker/plugins/<name>.spec`` under a
-plugin name unique to the run, removed at the end.
+plugin name unique to the run, removed at the end. A second engine with a daemon of
+its own (``stack_b``) stands in for a second host on the same cluster.
+
+Missing docker tools fail the run (tests/conftest.py), unless RBDPLUGIN_SKIP_E2E=1.
 """
 
 from __future__ import annotations
@@ -22,26 +25,15 @@ from pathlib import Path
 import pytest
 
 from rbdplugin.devcluster import DevCluster
-from rbdplugin.mapping import HostPaths
-from rbdplugin.mapping.scan import mounts
-from rbdplugin.process import pid_alive
+from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import DaemonProcess
+from tests.helpers import DaemonProcess, PluginClient
 
 SPEC_DIR = Path("/etc/docker/plugins")
 DOCKER = "/usr/bin/docker"
 IMAGE = "rbdplugin-test/busybox:1"
 APPLETS = ("sh", "echo", "cat", "df", "ls", "sync", "sleep", "dd", "sha256sum", "date",
            "mkdir", "touch", "rm", "wc", "grep", "head", "tail", "true", "test", "seq")  # fmt: skip
-
-
-def _why_no_docker() -> str | None:
-    for tool in ("dockerd", DOCKER, "containerd"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (make setup installs docker.io)"
-    if not Path("/bin/busybox").exists():
-        return "/bin/busybox is missing (make setup installs busybox-static)"
-    return None
 
 
 @dataclass
@@ -97,9 +89,9 @@ class Engine:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        for target in sorted(mounts(HostPaths()), reverse=True):
-            if target.startswith(str(self.root)):
-                subprocess.run(["umount", "--lazy", target], check=False)
+        for entry in reversed(oracle.mountinfo()):
+            if entry["target"].startswith(f"{self.root}/"):
+                subprocess.run(["umount", "--lazy", entry["target"]], check=False)
 
 
 def build_image(engine: Engine, work: Path) -> None:
@@ -139,9 +131,6 @@ class Plugins:
 
 @pytest.fixture(scope="session")
 def docker_engines(short_tmp: Path) -> Iterator[Callable[[str], Engine]]:
-    reason = _why_no_docker()
-    if reason:
-        pytest.skip(f"cannot run dockerd here: {reason}")
     engines: dict[str, Engine] = {}
 
     def engine(label: str) -> Engine:
@@ -175,18 +164,55 @@ class Stack:
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return self.engine.run(*args, check=check)
 
+    def plugin(self, tenant: str) -> PluginClient:
+        """Our daemon's socket, to ask it directly what Docker made it do."""
+        return self.daemon.client(tenant)
+
+    def log_mark(self) -> int:
+        """Where our daemon's log ends now: pass it to :meth:`log_since`."""
+        return self.daemon.log_path.stat().st_size
+
+    def log_since(self, mark: int) -> str:
+        with self.daemon.log_path.open("rb") as fh:
+            fh.seek(mark)
+            return fh.read().decode(errors="replace")
+
+    def requests_since(self, mark: int, tenant: str, endpoint: str, volume: str) -> list[str]:
+        """Our daemon's request log lines for ``endpoint`` on ``volume`` since ``mark``."""
+        head = f"driver={tenant} endpoint=VolumeDriver.{endpoint} volume={volume} "
+        return [line for line in self.log_since(mark).splitlines() if head in line]
+
+    def mountpoint(self, tenant: str, volume: str) -> Path:
+        return self.daemon.config.parent / "mounts" / tenant / volume
+
+
+def _stack(
+    label: str, host_id: str, cluster: DevCluster, daemon_factory: StartDaemon,
+    docker_engines: Callable[[str], Engine], plugins: Plugins,
+) -> Stack:  # fmt: skip
+    tenants = (tenant_toml(cluster, "alpha", default_size="256M")
+               + tenant_toml(cluster, "beta", default_size="256M"))  # fmt: skip
+    daemon = daemon_factory(tenants, wait_for="alpha", host_id=host_id)
+    drivers = {
+        t: plugins.register(f"{label}{t}", daemon.socket_dir / f"{t}.sock")
+        for t in ("alpha", "beta")
+    }
+    return Stack(docker_engines(label), daemon, drivers)
+
 
 @pytest.fixture(scope="session")
 def stack(
     cluster: DevCluster, daemon_factory: StartDaemon, docker_engines: Callable[[str], Engine],
     plugins: Plugins,
 ) -> Stack:  # fmt: skip
-    tenants = (tenant_toml(cluster, "alpha", default_size="256M")
-               + tenant_toml(cluster, "beta", default_size="256M"))  # fmt: skip
-    daemon = daemon_factory(tenants, wait_for="alpha", host_id="host-a")
-    drivers = {t: plugins.register(t, daemon.socket_dir / f"{t}.sock") for t in ("alpha", "beta")}
-    return Stack(docker_engines("a"), daemon, drivers)
+    """Host A: engine "a" and a daemon with host_id host-a."""
+    return _stack("a", "host-a", cluster, daemon_factory, docker_engines, plugins)
 
 
-def pids_gone(pids: list[int]) -> bool:
-    return not any(pid_alive(pid) for pid in pids)
+@pytest.fixture(scope="session")
+def stack_b(
+    cluster: DevCluster, daemon_factory: StartDaemon, docker_engines: Callable[[str], Engine],
+    plugins: Plugins,
+) -> Stack:  # fmt: skip
+    """Host B: engine "b" and a daemon of its own with host_id host-b, on the same cluster."""
+    return _stack("b", "host-b", cluster, daemon_factory, docker_engines, plugins)

@@ -1,39 +1,81 @@
 """The user journeys, typed as a user types them: the docker CLI against a real
-dockerd, our daemon behind it, a real Ceph cluster behind that."""
+dockerd, our daemon behind it, a real Ceph cluster behind that.
+
+Docker answers some requests itself (a volume in use by one of its own containers,
+a name taken by another driver). Every journey therefore checks that our plugin was
+really asked: an Err only the plugin produces, its request log since the action,
+its state (Get), or what it left in Ceph and on the host."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from rbdplugin.devcluster import DevCluster
-from tests.conftest import StartDaemon, tenant_toml
-from tests.e2e.conftest import IMAGE, Engine, Plugins, Stack
+from tests import oracle
+from tests.e2e.conftest import IMAGE, Stack
 from tests.helpers import Admin, unique, wait_until
 
 RUN = ("run", "--rm", "--network", "none")
+# sync -f flushes only the volume's filesystem: a plain sync(2) would wait on every
+# filesystem of the machine, including other test runs' volumes on a stopped cluster.
+WRITER = "i=0; while :; do i=$((i+1)); echo $i >> /data/log; sync -f /data/log; sleep 0.1; done"
+
+
+def _long_running(stack: Stack, name: str, driver: str) -> str:
+    done = stack.docker("run", "-d", "--network", "none", "--volume-driver", driver, "-v",
+                        f"{name}:/data", IMAGE, "sh", "-c", WRITER)  # fmt: skip
+    container = done.stdout.strip()
+    wait_until(lambda: _last_written(stack, container) >= 2, 30, "the container writing")
+    return container
+
+
+def _last_written(stack: Stack, container: str) -> int:
+    tail = stack.docker("exec", container, "sh", "-c", "tail -1 /data/log", check=False).stdout
+    return int(tail) if tail.strip().isdigit() else 0
+
+
+def _still_writes(stack: Stack, container: str) -> bool:
+    before = _last_written(stack, container)
+    time.sleep(1)
+    return _last_written(stack, container) > before
+
+
+def _mount_ids(stack: Stack, tenant: str, name: str) -> dict[str, int]:
+    """The Docker mount IDs our daemon counts for ``name`` (its own state, via Get)."""
+    got = stack.plugin(tenant).get(name)
+    assert got["Err"] == "", got
+    mounts: dict[str, int] = got["Volume"]["Status"].get("mounts", {})
+    return mounts
+
+
+def _ok(lines: list[str]) -> bool:
+    return any(" outcome=ok " in f"{line} " for line in lines)
 
 
 def test_1_create_ls_inspect(stack: Stack, admin: Admin) -> None:
     driver, name = stack.drivers["alpha"], unique("j1")
+    mark = stack.log_mark()
     stack.docker("volume", "create", "-d", driver, "--opt", "size=1G", "--opt", "fstype=xfs", name)
+    assert _ok(stack.requests_since(mark, "alpha", "Create", name))
+    assert admin.size("alpha", name) == 1 << 30
+    assert admin.metadata("alpha", name)["rbdplugin.fstype"] == "xfs"
     listed = stack.docker("volume", "ls", "--format", "{{.Driver}} {{.Name}}").stdout.splitlines()
     assert f"{driver} {name}" in listed
     volume = json.loads(stack.docker("volume", "inspect", name).stdout)[0]
+    # Scope and Status come only from the plugin (Capabilities and Get); Docker's default is local.
     assert volume["Driver"] == driver and volume["Scope"] == "global"
     status = volume["Status"]
     assert (status["pool"], status["size"], status["fstype"]) == ("alpha", "1G", "xfs")
-    assert name in admin.images("alpha")
 
 
 def test_2_write_in_one_container_read_in_the_next(stack: Stack) -> None:
     driver, name = stack.drivers["alpha"], unique("j2")
     stack.docker("volume", "create", "-d", driver, "--opt", "size=1G", name)
     stack.docker(*RUN, "--volume-driver", driver, "-v", f"{name}:/mnt/v1", IMAGE,
-                 "sh", "-c", "echo hello > /mnt/v1/f; sync")  # fmt: skip
+                 "sh", "-c", "echo hello > /mnt/v1/f; sync -f /mnt/v1/f")  # fmt: skip
+    # Between the containers the volume is unmounted and unmapped: the data is in the image.
+    assert not oracle.is_mounted(stack.mountpoint("alpha", name))
     read = stack.docker(*RUN, "--volume-driver", driver, "-v", f"{name}:/mnt/v1", IMAGE,
                         "sh", "-c", "cat /mnt/v1/f; df -k /mnt/v1 | tail -1")  # fmt: skip
     lines = read.stdout.splitlines()
@@ -53,76 +95,91 @@ def test_3_implicit_create_with_defaults_and_with_an_option(stack: Stack, admin:
     assert admin.size("alpha", fresh2) == 2 << 30
 
 
-def _long_running(stack: Stack, name: str, driver: str, *extra: str) -> str:
-    done = stack.docker("run", "-d", "--network", "none", "--volume-driver", driver, "-v",
-                        f"{name}:/data", *extra, IMAGE, "sh", "-c",
-                        "i=0; while :; do i=$((i+1)); echo $i >> /data/log; sync; sleep 0.1; done")  # fmt: skip
-    return done.stdout.strip()
-
-
 def test_4_two_containers_share_a_volume_on_this_host(stack: Stack) -> None:
     driver, name = stack.drivers["alpha"], unique("j4")
+    mountpoint = stack.mountpoint("alpha", name)
     first = _long_running(stack, name, driver)
     second = stack.docker("run", "-d", "--network", "none", "--volume-driver", driver, "-v",
                           f"{name}:/data", IMAGE, "sleep", "600").stdout.strip()  # fmt: skip
+    assert sorted(_mount_ids(stack, "alpha", name).values()) == [1, 1]  # one ID per container
     stack.docker("rm", "-f", second)
-    before = int(stack.docker("exec", first, "sh", "-c", "tail -1 /data/log").stdout)
-    time.sleep(1)
-    after = int(stack.docker("exec", first, "sh", "-c", "tail -1 /data/log").stdout)
-    assert after > before  # stopping one did not unmount the other's volume
+    wait_until(lambda: len(_mount_ids(stack, "alpha", name)) == 1, 20, "the second's Unmount")
+    assert oracle.is_mounted(mountpoint)
+    assert _still_writes(stack, first)  # stopping one did not unmount the other's volume
     stack.docker("rm", "-f", first)
+    wait_until(lambda: not oracle.is_mounted(mountpoint), 20, "the last Unmount unmounting")
 
 
 def test_5_docker_cp_in_and_out_keeps_the_mount(stack: Stack, tmp_path: Path) -> None:
     driver, name = stack.drivers["alpha"], unique("j5")
     container = _long_running(stack, name, driver)
+    ids = _mount_ids(stack, "alpha", name)
     source = tmp_path / "in.txt"
     source.write_text("copied in\n")
+    mark = stack.log_mark()
     stack.docker("cp", str(source), f"{container}:/data/in.txt")
     stack.docker("cp", f"{container}:/data/in.txt", str(tmp_path / "out.txt"))
     assert (tmp_path / "out.txt").read_text() == "copied in\n"
-    before = int(stack.docker("exec", container, "sh", "-c", "tail -1 /data/log").stdout)
-    time.sleep(1)
-    after = int(stack.docker("exec", container, "sh", "-c", "tail -1 /data/log").stdout)
-    assert after > before  # docker cp's Unmount left the container's mount alive
+    # docker cp mounted and unmounted the volume through the plugin, under the container's ID.
+    assert _ok(stack.requests_since(mark, "alpha", "Unmount", name))
+    assert _mount_ids(stack, "alpha", name) == ids
+    assert (stack.mountpoint("alpha", name) / "in.txt").read_text() == "copied in\n"
+    assert _still_writes(stack, container)  # docker cp's Unmount left the container's mount alive
     assert stack.docker("exec", container, "cat", "/data/in.txt").stdout == "copied in\n"
     stack.docker("rm", "-f", container)
 
 
-def test_6_remove_in_use_fails_then_follows_the_policy(stack: Stack, admin: Admin) -> None:
+def test_6_remove_in_use_fails_then_follows_the_policy(
+    stack: Stack, stack_b: Stack, admin: Admin
+) -> None:
     driver, name = stack.drivers["alpha"], unique("j6")
     container = _long_running(stack, name, driver)
+    # This engine refuses by itself: one of its own containers uses the volume.
     refused = stack.docker("volume", "rm", name, check=False)
+    assert refused.returncode != 0 and "volume is in use" in refused.stderr
+    # Host B's engine knows nothing of that container: the plugin there must refuse.
+    stack_b.docker("volume", "create", "-d", stack_b.drivers["alpha"], name)
+    mark = stack_b.log_mark()
+    refused = stack_b.docker("volume", "rm", name, check=False)
     assert refused.returncode != 0
-    assert "volume is in use" in refused.stderr or "is mounted on host host-a" in refused.stderr
+    assert f"volume '{name}' is mounted (rw on host host-a since" in refused.stderr
+    assert stack_b.requests_since(mark, "alpha", "Remove", name)
+    assert name in admin.images("alpha")
     stack.docker("rm", "-f", container)
     stack.docker("volume", "rm", name)
     assert name not in admin.images("alpha")
     assert name in admin.trash("alpha")  # alpha's remove_policy is trash
+    stack_b.docker("volume", "rm", name, check=False)  # host B's Docker may know it still
 
 
 def test_7_anonymous_volume_goes_with_run_rm(stack: Stack, admin: Admin) -> None:
     driver = stack.drivers["alpha"]
-    before = admin.images("alpha")
-    stack.docker(*RUN, "--volume-driver", driver, "-v", "/anon", IMAGE, "touch", "/anon/x")
-    after = admin.images("alpha")
-    assert after == before  # created, mounted, and removed again at exit
-    trashed = admin.trash("alpha")
-    assert any(len(name) == 64 for name in trashed)  # Docker names anonymous volumes by 64 hex
+    container = stack.docker("create", "--rm", "--network", "none", "--volume-driver", driver,
+                             "-v", "/anon", IMAGE, "touch", "/anon/x").stdout.strip()  # fmt: skip
+    (mount,) = json.loads(stack.docker("inspect", container).stdout)[0]["Mounts"]
+    anonymous = mount["Name"]
+    assert mount["Driver"] == driver and len(anonymous) == 64  # Docker's 64 hex digits
+    assert anonymous in admin.images("alpha")  # Docker had our plugin create it
+    stack.docker("start", "-a", container)
+    wait_until(lambda: anonymous not in admin.images("alpha"), 30, "the anonymous volume removed")
+    assert anonymous in admin.trash("alpha")  # this very volume, by alpha's trash policy
 
 
 def test_8_restart_our_daemon_while_a_container_writes(stack: Stack) -> None:
     driver, name = stack.drivers["alpha"], unique("j8")
+    mountpoint = stack.mountpoint("alpha", name)
     container = _long_running(stack, name, driver)
-    time.sleep(0.5)
-    stack.daemon.stop()
-    time.sleep(1)  # the daemon is down; the container still writes
+    ids = _mount_ids(stack, "alpha", name)
+    assert len(ids) == 1
+    assert stack.daemon.stop() == 0
+    assert oracle.is_mounted(mountpoint)
+    assert _still_writes(stack, container)  # the daemon is down; the container still writes
     stack.daemon.start(wait_for="alpha")
-    before = int(stack.docker("exec", container, "sh", "-c", "tail -1 /data/log").stdout)
-    time.sleep(1)
-    last = int(stack.docker("exec", container, "sh", "-c", "tail -1 /data/log").stdout)
-    assert last > before
+    assert _mount_ids(stack, "alpha", name) == ids  # the restarted daemon adopted the mount
+    assert _still_writes(stack, container)
+    last = _last_written(stack, container)
     stack.docker("stop", "-t", "1", container)
+    wait_until(lambda: not oracle.is_mounted(mountpoint), 20, "Docker's Unmount after the restart")
     lines = stack.docker(*RUN, "--volume-driver", driver, "-v", f"{name}:/data", IMAGE,
                          "cat", "/data/log").stdout.split()  # fmt: skip
     assert [int(x) for x in lines] == list(range(1, len(lines) + 1))  # no gap, nothing lost
@@ -136,60 +193,68 @@ def test_9_restart_dockerd_keeps_volumes(stack: Stack) -> None:
     stack.docker(*RUN, "-v", f"{name}:/data", IMAGE, "sh", "-c", "echo kept > /data/f")
     stack.engine.stop()
     stack.engine.start()
-    listed = stack.docker("volume", "ls", "--format", "{{.Name}}").stdout.split()
-    assert name in listed
+    listed = stack.docker("volume", "ls", "--format", "{{.Driver}} {{.Name}}").stdout.splitlines()
+    assert f"{driver} {name}" in listed
     assert stack.docker(*RUN, "-v", f"{name}:/data", IMAGE, "cat", "/data/f").stdout == "kept\n"
 
 
 def test_10_bad_options_show_our_message(stack: Stack, admin: Admin) -> None:
     driver = stack.drivers["alpha"]
-    before = admin.images("alpha")
-    bad_size = stack.docker(
-        "volume", "create", "-d", driver, "--opt", "size=abc", unique(), check=False
+    bad_size, colour = unique("j10"), unique("j10b")
+    done = stack.docker(
+        "volume", "create", "-d", driver, "--opt", "size=abc", bad_size, check=False
     )
-    assert bad_size.returncode != 0
-    assert "size 'abc' is not a size: use a number with a binary unit" in bad_size.stderr
-    colour = stack.docker(
-        "volume", "create", "-d", driver, "--opt", "colour=red", unique(), check=False
+    assert done.returncode != 0
+    assert "size 'abc' is not a size: use a number with a binary unit" in done.stderr
+    done = stack.docker(
+        "volume", "create", "-d", driver, "--opt", "colour=red", colour, check=False
     )
-    assert "unknown option 'colour'; valid options: size" in colour.stderr
-    assert admin.images("alpha") == before
+    assert done.returncode != 0
+    assert "unknown option 'colour'; valid options: size" in done.stderr
+    assert {bad_size, colour}.isdisjoint(admin.images("alpha"))
 
 
-def test_11_tenants_cannot_see_or_reach_each_other(stack: Stack, admin: Admin) -> None:
+def test_11_tenants_cannot_see_or_reach_each_other(
+    stack: Stack, stack_b: Stack, admin: Admin
+) -> None:
     alpha, beta = stack.drivers["alpha"], stack.drivers["beta"]
     name = unique("j11")
     stack.docker("volume", "create", "-d", alpha, "--opt", "size=1G", name)
-    stack.docker(*RUN, "-v", f"{name}:/data", IMAGE, "sh", "-c", "echo secret > /data/s")
+    stack.docker(*RUN, "-v", f"{name}:/data", IMAGE, "sh", "-c",
+                 "echo secret > /data/s; sync -f /data/s")  # fmt: skip
+    mark = stack.log_mark()
     beta_ls = stack.docker(
         "volume", "ls", "--filter", f"driver={beta}", "--format", "{{.Name}}"
     ).stdout
     assert name not in beta_ls.split()
-    wrong = stack.docker(*RUN, "--volume-driver", beta, "-v", f"{name}:/data", IMAGE,
-                         "cat", "/data/s", check=False)  # fmt: skip
-    assert "secret" not in wrong.stdout
-    assert name not in admin.images("beta")
+    assert any("driver=beta endpoint=VolumeDriver.List " in line
+               for line in stack.log_since(mark).splitlines())  # fmt: skip
+    # On this engine the name is alpha's, so Docker alone refuses beta. Host B's engine
+    # does not know the name: there beta's plugin is asked, and must not reach alpha's data.
+    mark = stack_b.log_mark()
+    wrong = stack_b.docker(*RUN, "--volume-driver", stack_b.drivers["beta"], "-v", f"{name}:/data",
+                           IMAGE, "sh", "-c", "ls -A /data; cat /data/s", check=False)  # fmt: skip
+    assert _ok(stack_b.requests_since(mark, "beta", "Mount", name)), wrong.stderr
+    assert "secret" not in wrong.stdout and wrong.returncode != 0  # beta's own volume, empty
+    assert admin.size("beta", name) == 256 << 20  # beta's default size: another image
+    assert admin.size("alpha", name) == 1 << 30
+    assert stack.docker(*RUN, "-v", f"{name}:/data", IMAGE, "cat", "/data/s").stdout == "secret\n"
+    stack_b.docker("volume", "rm", name)
+    assert name in admin.images("alpha")
 
 
-def test_12_two_hosts_one_writer(
-    stack: Stack, cluster: DevCluster, daemon_factory: StartDaemon,
-    docker_engines: Callable[[str], Engine], plugins: Plugins,
-) -> None:  # fmt: skip
-    host_b = daemon_factory(tenant_toml(cluster, "alpha", default_size="256M"),
-                            wait_for="alpha", host_id="host-b")  # fmt: skip
-    driver_b = plugins.register("hostb", host_b.socket_dir / "alpha.sock")
-    engine_b = docker_engines("b")
-    driver_a, name = stack.drivers["alpha"], unique("j12")
+def test_12_two_hosts_one_writer(stack: Stack, stack_b: Stack) -> None:
+    driver_a, driver_b, name = stack.drivers["alpha"], stack_b.drivers["alpha"], unique("j12")
     stack.docker("volume", "create", "-d", driver_a, "--opt", "size=1G", name)
-    engine_b.run("volume", "create", "-d", driver_b, name)  # the same volume, seen from host B
+    stack_b.docker("volume", "create", "-d", driver_b, name)  # the same volume, seen from host B
     container = _long_running(stack, name, driver_a)
-    refused = engine_b.run(*RUN, "-v", f"{name}:/data", IMAGE, "true", check=False)
+    refused = stack_b.docker(*RUN, "-v", f"{name}:/data", IMAGE, "true", check=False)
     assert refused.returncode != 0
     assert "is mounted read-write on host host-a" in refused.stderr
     stack.docker("rm", "-f", container)
 
     def b_can_mount() -> bool:
-        run = engine_b.run(
+        run = stack_b.docker(
             *RUN, "-v", f"{name}:/data", IMAGE, "test", "-s", "/data/log", check=False
         )
         return run.returncode == 0
@@ -197,14 +262,11 @@ def test_12_two_hosts_one_writer(
     wait_until(b_can_mount, 30, "host B mounting after host A's container left")
 
 
-def test_journeys_leave_no_container_mounts(stack: Stack) -> None:
-    # Every container above is gone; nothing of ours may stay mounted for them.
-    left = subprocess.run(
-        ["findmnt", "-rn", "-o", "TARGET"], capture_output=True, text=True, check=True
-    ).stdout
-    ours = [
-        line
-        for line in left.splitlines()
-        if line.startswith(str(stack.daemon.config.parent / "mounts"))
-    ]
-    assert ours == []
+def test_journeys_leave_no_container_mounts(stack: Stack, stack_b: Stack) -> None:
+    # Every container above is gone; nothing of our daemons may stay mounted or mapped.
+    roots = [f"{s.daemon.config.parent}/" for s in (stack, stack_b)]
+    mounted = [e["target"] for e in oracle.mountinfo() if e["target"].startswith(tuple(roots))]
+    loops = [dev for dev, back in oracle.loop_devices().items() if back.startswith(tuple(roots))]
+    exports = [pid for root in roots
+               for pid in oracle.pids_of_program_with("qemu-storage-daemon", root)]  # fmt: skip
+    assert (mounted, loops, exports) == ([], [], [])

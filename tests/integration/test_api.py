@@ -17,6 +17,17 @@ from rbdplugin.units import GiB, MiB
 from tests.helpers import Admin, DaemonProcess, unique
 
 
+def log_mark(daemon: DaemonProcess) -> int:
+    """Where the daemon's log ends now; the session daemon's log is shared by every test."""
+    return daemon.log_path.stat().st_size
+
+
+def log_since(daemon: DaemonProcess, mark: int) -> str:
+    with daemon.log_path.open("rb") as fh:
+        fh.seek(mark)
+        return fh.read().decode(errors="replace")
+
+
 def test_activate_with_empty_body(daemon: DaemonProcess) -> None:
     status, body = daemon.client("alpha").raw("Plugin.Activate", b"")
     assert (status, body) == (200, {"Implements": ["VolumeDriver"]})
@@ -88,10 +99,14 @@ def test_create_is_idempotent_and_rejects_contradictions(
 
 def test_parallel_creates_of_one_name_make_one_image(daemon: DaemonProcess, admin: Admin) -> None:
     client, name = daemon.client("alpha"), unique()
+    before, mark = admin.images("alpha"), log_mark(daemon)
     with ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(lambda _: client.create(name, {"size": "1G"}), range(8)))
     assert replies == [{"Err": ""}] * 8
-    assert name in admin.images("alpha")
+    assert admin.images("alpha") - before == {name}
+    created = [line for line in log_since(daemon, mark).splitlines()
+               if f"volume {name}: created " in line]  # fmt: skip
+    assert len(created) == 1, created  # one librbd create; the other seven found it made
 
 
 def test_create_with_features_and_options(daemon: DaemonProcess, admin: Admin) -> None:
@@ -119,9 +134,12 @@ def test_image_made_outside_the_plugin_is_adopted(daemon: DaemonProcess, admin: 
 
 
 def test_list_hides_images_that_are_not_volume_names(daemon: DaemonProcess, admin: Admin) -> None:
-    odd = f"{unique()}~not-a-volume"
+    odd, plain = f"{unique()}~not-a-volume", unique("plain")
     admin.create_image("alpha", odd, 8 * MiB)
-    assert odd not in daemon.client("alpha").names()
+    admin.create_image("alpha", plain, 8 * MiB)
+    names = daemon.client("alpha").names()
+    assert plain in names  # List does list images made outside the plugin...
+    assert odd not in names  # ...but not those whose names are not volume names
 
 
 # -- remove policies -------------------------------------------------------------------
@@ -138,6 +156,7 @@ def test_remove_policy_trash(daemon: DaemonProcess, admin: Admin) -> None:
 def test_remove_policy_delete(daemon: DaemonProcess, admin: Admin) -> None:
     client, name = daemon.client("beta"), unique()
     assert client.create(name, {"size": "8M"}) == {"Err": ""}
+    assert name in admin.images("beta")
     assert client.remove(name) == {"Err": ""}
     assert name not in admin.images("beta")
     assert name not in admin.trash("beta")
@@ -174,6 +193,7 @@ def test_remove_of_a_missing_volume_succeeds(daemon: DaemonProcess) -> None:
 
 def test_quotas(daemon: DaemonProcess, admin: Admin) -> None:
     client = daemon.client("delta")  # at most 3 volumes and 3G in all
+    assert admin.images("delta") == set()  # the messages below count from an empty pool
     first, second = unique(), unique()
     assert client.create(first, {"size": "2G"}) == {"Err": ""}
     err = client.create(unique(), {"size": "2G"})["Err"]
@@ -229,9 +249,11 @@ def test_bad_options_create_nothing(
 
 
 def test_size_over_the_quota_creates_nothing(daemon: DaemonProcess, admin: Admin) -> None:
-    err = daemon.client("delta").create(unique(), {"size": "4G"})["Err"]
+    name, before = unique(), admin.images("delta")
+    err = daemon.client("delta").create(name, {"size": "4G"})["Err"]
+    assert f"volume '{name}': size 4G would bring driver delta to" in err
     assert "over its quota of 3G" in err
-    assert admin.images("delta") == set()
+    assert admin.images("delta") == before and name not in before
 
 
 @pytest.mark.parametrize(
@@ -275,12 +297,20 @@ def test_get_is_method_post_only(daemon: DaemonProcess) -> None:
 
 
 def test_one_log_line_per_request_and_no_key(daemon: DaemonProcess) -> None:
-    client, name = daemon.client("alpha"), unique("logged")
-    client.create(name, {"size": "8M"})
-    client.create(unique(), {"size": "abc"})
+    client, name, bad = daemon.client("alpha"), unique("logged"), unique("badlog")
+    mark = log_mark(daemon)
+    assert client.create(name, {"size": "8M"}) == {"Err": ""}
+    assert client.get(name)["Err"] == ""
+    assert "is not a size" in client.create(bad, {"size": "abc"})["Err"]
+    requests = [line for line in log_since(daemon, mark).splitlines() if " endpoint=" in line]
+    mine = [line for line in requests if f" volume={name} " in line]
+    assert len(mine) == 2, mine
+    assert f"driver=alpha endpoint=VolumeDriver.Create volume={name} outcome=ok " in mine[0]
+    assert f"driver=alpha endpoint=VolumeDriver.Get volume={name} outcome=ok " in mine[1]
+    (failed,) = [line for line in requests if f" volume={bad} " in line]
+    assert f"endpoint=VolumeDriver.Create volume={bad} outcome=error:invalid_argument " in failed
+    assert "size 'abc' is not a size" in failed  # the Err Docker got, in the same line
     log = daemon.log()
-    assert f"driver=alpha endpoint=VolumeDriver.Create volume={name} outcome=ok" in log
-    assert "outcome=error:invalid_argument" in log
     keyring = (daemon.config.parent.parent / "ceph" / "ceph.client.alpha.keyring").read_text()
     key = keyring.split("key = ")[1].strip()
     assert key not in log

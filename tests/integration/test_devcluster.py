@@ -13,8 +13,24 @@ from pathlib import Path
 import rados
 
 from rbdplugin.devcluster import DevCluster
-from rbdplugin.process import pid_alive
+from tests import oracle
 from tests.helpers import PluginClient, unique
+
+
+def runs(pid: int, program: str, root: Path) -> bool:
+    """``pid`` is a live ``program`` started for the cluster in ``root`` (read from /proc)."""
+    argv = oracle.argv_of(pid)
+    alive = oracle.process_state(pid) not in ("", "Z")
+    return (
+        alive
+        and bool(argv)
+        and Path(argv[0]).name == program
+        and any(str(root) in arg for arg in argv[1:])
+    )
+
+
+def ended(pid: int) -> bool:
+    return oracle.process_state(pid) in ("", "Z")
 
 
 def rbdplugin(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -33,6 +49,8 @@ def test_start_status_stop_restart(short_tmp: Path) -> None:
     status = json.loads(rbdplugin("devcluster", "status", "--dir", str(root)).stdout)
     assert set(status["running"]) == {"mon.a", "osd.0"}
     assert status["tenants"] == ["t1", "t2"]
+    assert runs(status["running"]["mon.a"], "ceph-mon", root)
+    assert runs(status["running"]["osd.0"], "ceph-osd", root)
     pids = list(status["running"].values())
 
     config = (root / "rbdplugin.toml").read_text()
@@ -51,7 +69,7 @@ def test_start_status_stop_restart(short_tmp: Path) -> None:
 
     stopped = rbdplugin("devcluster", "stop", "--dir", str(root))
     assert stopped.returncode == 0 and "osd.0, mon.a" in stopped.stdout
-    assert not any(pid_alive(pid) for pid in pids)
+    assert all(ended(pid) for pid in pids)
     gone = rbdplugin("devcluster", "status", "--dir", str(root))
     assert gone.returncode == 3 and json.loads(gone.stdout)["running"] == {}
 
@@ -112,10 +130,11 @@ def test_serve_with_embedded_cluster_stops_cleanly(short_tmp: Path) -> None:
         assert client.get(name)["Volume"]["Status"]["pool"] == "rbd"
         pids = DevCluster(root).running()
         assert set(pids) == {"mon.a", "osd.0"}
+        assert runs(pids["mon.a"], "ceph-mon", root) and runs(pids["osd.0"], "ceph-osd", root)
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "stopping the embedded cluster: osd.0, mon.a" in output
-    assert not any(pid_alive(pid) for pid in pids.values())
+    assert all(ended(pid) for pid in pids.values())
     assert not (sockets / "rbd.sock").exists()

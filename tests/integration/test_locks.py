@@ -1,13 +1,17 @@
 """One writer across hosts. Two daemons with their own host_id, state, mounts and
 sockets stand in for two hosts on one real cluster. Several tests wait out the
 cluster's osd_client_watch_timeout (WATCH_TIMEOUT): run them alone with
-``make test PYTEST_ARGS="-m locks"``."""
+``make test PYTEST_ARGS="-m locks"``.
+
+Every daemon serves /metrics, so that takeovers, fencings, refused Mounts and lost
+leases are checked where they are counted: in the daemon, read from its exposition."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,13 +24,12 @@ from pathlib import Path
 import pytest
 
 from rbdplugin.devcluster import DevCluster
-from rbdplugin.mapping import HostPaths
-from rbdplugin.mapping.scan import loop_backing_files, mounts, processes
+from tests import oracle
 from tests.conftest import WATCH_TIMEOUT, StartDaemon, tenant_toml
 from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.integration.test_observability import free_port, sample, scrape
 
 pytestmark = pytest.mark.locks
-HOST = HostPaths()
 # Takeover must come within the watch timeout plus this (lease checks, retries, fencing).
 MARGIN = 10
 
@@ -36,6 +39,7 @@ class Host:
     name: str
     root: Path
     daemon: DaemonProcess
+    metrics: str  # the daemon's /metrics address
 
     @property
     def client(self) -> PluginClient:
@@ -43,26 +47,38 @@ class Host:
 
     def export_pids(self, volume: str) -> list[int]:
         export = self.root / "state" / "exports" / "alpha" / "-" / volume
-        return processes(HOST, "qemu-storage-daemon", f"mountpoint={export}")
+        return oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")
+
+    def create_and_mount(self, volume: str, mount_id: str = "c") -> Path:
+        # Docker always creates a volume before its first Mount.
+        assert self.client.create(volume, {"size": "64M"}) == {"Err": ""}
+        reply = self.mount(volume, mount_id)
+        assert reply["Err"] == "", reply
+        return Path(reply["Mountpoint"])
 
     def mount(self, volume: str, mount_id: str = "c") -> dict[str, str]:
         return self.client.call("VolumeDriver.Mount", {"Name": volume, "ID": mount_id})
 
+    def counted(self, metric: str) -> float:
+        """This host's ``rbdplugin_<metric>_total{tenant="alpha"}``, from its exposition."""
+        return sample(scrape(self.metrics), f"rbdplugin_{metric}_total", tenant="alpha")
+
     def scrub(self) -> None:
         """Take down whatever a killed or frozen host left on this machine."""
-        for pid in processes(HOST, "qemu-storage-daemon", str(self.root)):
+        mine = f"{self.root}/"
+        for pid in oracle.pids_of_program_with("qemu-storage-daemon", mine):
             os.kill(pid, signal.SIGCONT)
-        for target in sorted(mounts(HOST), reverse=True):
-            if target.startswith(str(self.root / "mounts")):
-                subprocess.run(["umount", "--lazy", target], check=False)
-        for device, backing in loop_backing_files(HOST).items():
-            if backing.startswith(str(self.root)):
+        for entry in reversed(oracle.mountinfo()):
+            if entry["target"].startswith(f"{self.root}/mounts/"):
+                subprocess.run(["umount", "--lazy", entry["target"]], check=False)
+        for device, backing in oracle.loop_devices().items():
+            if backing.startswith(mine):
                 subprocess.run(["losetup", "--detach", device], check=False)
-        for pid in processes(HOST, "qemu-storage-daemon", str(self.root)):
+        for pid in oracle.pids_of_program_with("qemu-storage-daemon", mine):
             os.kill(pid, signal.SIGKILL)
-        for target in mounts(HOST):
-            if target.startswith(str(self.root)):
-                subprocess.run(["umount", "--lazy", target], check=False)
+        for entry in reversed(oracle.mountinfo()):
+            if entry["target"].startswith(mine):
+                subprocess.run(["umount", "--lazy", entry["target"]], check=False)
 
 
 @pytest.fixture
@@ -77,12 +93,12 @@ def hosts(
     tenants = tenant_toml(cluster, "alpha", default_size="64M", takeover=takeover)
     made = []
     for name in ("host-a", "host-b"):
-        root = short_tmp / unique(name)
+        root, metrics = short_tmp / unique(name), f"127.0.0.1:{free_port()}"
         daemon = daemon_factory(
             tenants, wait_for="alpha", host_id=name, lease_check_seconds=1,
-            state_dir=str(root / "state"), mount_root=str(root / "mounts"),
+            state_dir=str(root / "state"), mount_root=str(root / "mounts"), metrics=metrics,
         )  # fmt: skip
-        made.append(Host(name, root, daemon))
+        made.append(Host(name, root, daemon, metrics))
     yield made[0], made[1]
     for host in made:
         host.scrub()
@@ -124,21 +140,26 @@ def test_race_exactly_one_host_wins_each_round(hosts: tuple[Host, Host]) -> None
     a, b = hosts
     volume = unique("race")
     assert a.client.create(volume, {"size": "64M"}) == {"Err": ""}
-    wins = {"host-a": 0, "host-b": 0}
+    before = {h.name: h.counted("lock_conflicts") for h in hosts}
+    losses = {"host-a": 0, "host-b": 0}
     for round_ in range(50):
         mount_id = f"r{round_}"
         with ThreadPoolExecutor(2) as pool:
             replies = list(pool.map(lambda h, i=mount_id: (h, h.mount(volume, i)), (a, b)))
-        winners = [h for h, r in replies if r["Err"] == ""]
+        winners = [(h, r) for h, r in replies if r["Err"] == ""]
         losers = [(h, r) for h, r in replies if r["Err"]]
         assert len(winners) == 1, replies
-        winner, (_, lost) = winners[0], losers[0]
+        (winner, won), (loser, lost) = winners[0], losers[0]
         assert f"is mounted read-write on host {winner.name} (since" in lost["Err"], lost
-        wins[winner.name] += 1
-        assert winner.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": f"r{round_}"}) == {
-            "Err": ""
-        }
-    assert sum(wins.values()) == 50
+        # The win is a real mount on the winner only.
+        assert oracle.is_mounted(won["Mountpoint"])
+        assert not oracle.is_mounted(loser.root / "mounts" / "alpha" / volume)
+        losses[loser.name] += 1
+        reply = winner.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": mount_id})
+        assert reply == {"Err": ""}
+        assert not oracle.is_mounted(won["Mountpoint"])
+    # Each host counted exactly the rounds it lost, as refused Mounts.
+    assert {h.name: h.counted("lock_conflicts") - before[h.name] for h in hosts} == losses
 
 
 def test_crash_of_the_holder_is_fenced_and_taken_over(
@@ -146,9 +167,10 @@ def test_crash_of_the_holder_is_fenced_and_taken_over(
 ) -> None:
     a, b = hosts
     volume = unique("crash")
-    path = Path(a.mount(volume)["Mountpoint"])
+    path = a.create_and_mount(volume)
     digest = write_blob(path / "blob")
     export_pids = a.export_pids(volume)
+    assert len(export_pids) == 1, export_pids
     lease = json.loads(admin.cluster.open_ioctx("alpha").read(f"rbdplugin.lease.{volume}"))
     a_addresses = lease["writer"]["addrs"]
     assert len(a_addresses) == 2  # the daemon's presence and the mapping
@@ -170,14 +192,18 @@ def test_crash_of_the_holder_is_fenced_and_taken_over(
     listed = {entry["addr"] for entry in entries}
     assert set(a_addresses) <= listed
     assert "fenced host host-a" in b.daemon.log() and "took over from host host-a" in b.daemon.log()
+    # Counted where it happened: one refused Mount, one takeover, every address fenced.
+    assert b.counted("lock_conflicts") >= 1
+    assert (b.counted("takeovers"), b.counted("fencings")) == (1, len(a_addresses))
     assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
 
 
 def test_a_frozen_holder_is_fenced_and_notices_the_loss(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     volume = unique("freeze")
-    a_path = Path(a.mount(volume)["Mountpoint"])
+    a_path = a.create_and_mount(volume)
     write_blob(a_path / "from-a")
+    assert len(a.export_pids(volume)) == 1
     frozen = [a.daemon.proc.pid, *a.export_pids(volume)]  # type: ignore[union-attr]
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
@@ -190,8 +216,10 @@ def test_a_frozen_holder_is_fenced_and_notices_the_loss(hosts: tuple[Host, Host]
             os.kill(pid, signal.SIGCONT)
     # The woken host cannot write a byte: its every address is blocklisted.
     assert direct_write_fails(a_path / "late-write")
-    wait_until(lambda: "LOST" in a.daemon.log(), 20, "host-a noticing the loss")
+    wait_until(lambda: f"volume {volume}: LOST" in a.daemon.log(), 20, "host-a noticing the loss")
     assert a.client.get(volume)["Volume"]["Status"]["lost_to"].startswith("host-b at ")
+    assert a.counted("leases_lost") == 1
+    assert (b.counted("takeovers"), a.counted("takeovers")) == (1, 0)
     # host-b's data is intact and host-a's late write never reached the image.
     assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
     again = Path(b.mount(volume, "again")["Mountpoint"])
@@ -205,7 +233,7 @@ def test_a_daemon_crash_with_a_live_mapping_is_not_taken_over(
 ) -> None:
     a, b = hosts
     volume = unique("alive")
-    path = Path(a.mount(volume)["Mountpoint"])
+    path = a.create_and_mount(volume)
     writer = subprocess.Popen(["sh", "-c", f"while :; do date >> {path}/log; sleep 0.1; done"])
     try:
         a.daemon.kill()  # the container keeps writing through the mapping
@@ -228,13 +256,14 @@ def test_a_daemon_crash_with_a_live_mapping_is_not_taken_over(
     assert client.get(volume)["Volume"]["Status"]["mounts"] == {"c": 1}
     assert client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
     assert b.mount(volume)["Err"] == ""  # released cleanly: no fencing needed
+    assert (b.counted("takeovers"), b.counted("fencings")) == (0, 0)
     assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
 
 
 def test_read_only_companions_share_and_exclude_writers(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     volume, companion = unique("src"), unique("ro")
-    path = Path(a.mount(volume)["Mountpoint"])
+    path = a.create_and_mount(volume)
     digest = write_blob(path / "data")
     assert a.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
 
@@ -284,13 +313,14 @@ def rbdplugin(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
 def test_locks_ls_and_break_fence_a_live_holder(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     volume = unique("brk")
-    a_path = Path(a.mount(volume)["Mountpoint"])
+    a_path = a.create_and_mount(volume)
     write_blob(a_path / "before")
     config = str(b.daemon.config)
     listed = rbdplugin("locks", "ls", "--config", config)
     assert listed.returncode == 0, listed.stderr
-    row = next(line for line in listed.stdout.splitlines() if volume in line)
-    assert row.split()[:6] == ["alpha", volume, "rw", "host-a", row.split()[4], "yes"]
+    row = next(line.split() for line in listed.stdout.splitlines() if f" {volume} " in line)
+    assert row[:4] == ["alpha", volume, "rw", "host-a"] and row[5] == "yes"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", row[4]), row
     as_json = json.loads(rbdplugin("locks", "ls", "--config", config, "--json").stdout)
     assert {"volume": volume, "host": "host-a", "alive": True}.items() <= next(
         r for r in as_json if r["volume"] == volume
@@ -304,7 +334,8 @@ def test_locks_ls_and_break_fence_a_live_holder(hosts: tuple[Host, Host]) -> Non
     assert broken.returncode == 0, broken.stderr
     assert f"volume {volume}: released; fenced 127.0.0.1:" in broken.stdout
     assert direct_write_fails(a_path / "after-break")
-    wait_until(lambda: "LOST" in a.daemon.log(), 20, "host-a noticing the break")
+    wait_until(lambda: f"volume {volume}: LOST" in a.daemon.log(), 20, "host-a noticing the break")
+    assert a.counted("leases_lost") == 1
     assert b.mount(volume)["Err"] == ""
     assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
 
@@ -313,8 +344,9 @@ def test_locks_ls_and_break_fence_a_live_holder(hosts: tuple[Host, Host]) -> Non
 def test_manual_takeover_says_how_to_force_it(hosts: tuple[Host, Host]) -> None:
     a, b = hosts
     volume = unique("man")
-    assert a.mount(volume)["Err"] == ""
+    a.create_and_mount(volume)
     pids = a.export_pids(volume)
+    assert len(pids) == 1, pids
     a.daemon.kill()
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -322,6 +354,7 @@ def test_manual_takeover_says_how_to_force_it(hosts: tuple[Host, Host]) -> None:
     err = b.mount(volume)["Err"]
     assert "takeover is manual for this driver" in err
     assert f"rbdplugin locks break {volume}" in err
+    assert (b.counted("takeovers"), b.counted("fencings")) == (0, 0)
     done = rbdplugin("locks", "break", volume, "--config", str(b.daemon.config), "--yes")
     assert done.returncode == 0, done.stderr
     assert b.mount(volume)["Err"] == ""

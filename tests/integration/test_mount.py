@@ -345,7 +345,7 @@ def test_a_retry_of_an_in_flight_mount_joins_it(daemon: DaemonProcess, admin: Ad
         paths = set(pool.map(lambda _: mount(client, name, "same"), range(5)))
     assert len(paths) == 1
     assert client.get(name)["Volume"]["Status"]["mounts"] == {"same": 1}
-    assert "joins the one in flight" in daemon.log()
+    assert f"volume {name}: mount for ID same joins the one in flight" in daemon.log()
     unmount(client, name, "same")  # one Unmount undoes it, as Docker will send one
     assert leftovers(daemon, admin, "alpha", name) == []
 

@@ -22,7 +22,9 @@ def _dead_conf(cluster: DevCluster, target: Path) -> Path:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again: nothing listens there
-    text = re.sub(r"mon host = .*", f"mon host = v1:127.0.0.1:{port}", cluster.conf.read_text())
+    text, replaced = re.subn(r"mon host = .*", f"mon host = v1:127.0.0.1:{port}",
+                             cluster.conf.read_text())  # fmt: skip
+    assert replaced == 1, "the cluster's ceph.conf has no 'mon host' line to point elsewhere"
     target.write_text(text)
     return target
 
