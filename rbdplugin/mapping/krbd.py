@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from rbdplugin.devices import Devices
 from rbdplugin.errors import VolumeBusy
 from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable
 from rbdplugin.mapping.rbdcli import Diagnosis, RbdDeviceMapper, translate_map_error
@@ -30,8 +31,9 @@ class KrbdMapper(RbdDeviceMapper):
         host: HostPaths,
         timeout: float,
         osd_request_timeout: int = OSD_REQUEST_TIMEOUT,
+        devices: Devices | None = None,
     ) -> None:
-        super().__init__(runner, host, timeout)
+        super().__init__(runner, host, timeout, devices)
         if osd_request_timeout < 0:
             raise ValueError(f"osd_request_timeout must be 0 or more, not {osd_request_timeout}")
         self.osd_request_timeout = osd_request_timeout

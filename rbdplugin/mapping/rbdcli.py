@@ -1,9 +1,10 @@
 """Mappers driven by ``rbd device map`` / ``unmap`` (krbd and rbd-nbd).
 
 The flow is the same for both: run the map command under the deadline, translate
-its failure into an actionable error, then find the device the kernel made in
-sysfs; unmapping refuses politely when the device is still in use. Subclasses say
-how to build the command and where their devices show up.
+its failure into an actionable error, find the device the kernel made in sysfs,
+and wait (same deadline) until udev has made it ready, or roll back. Unmapping
+refuses politely when the device is still in use. Subclasses say how to build the
+command and where their devices show up.
 
 A recorded mapping names its device by number (/dev/rbdN, /dev/nbdN), and the kernel
 hands a freed number to the next image mapped. So before unmapping (and when asked
@@ -13,11 +14,14 @@ device that serves another image is never unmapped on behalf of a stale record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from rbdplugin.devices import Devices
 from rbdplugin.errors import CephUnavailable, PermissionDenied, ProcessError, VolumeBusy
 from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable
 from rbdplugin.process import Command, Runner
@@ -36,10 +40,13 @@ class Diagnosis:
 class RbdDeviceMapper(ABC):
     name: str
 
-    def __init__(self, runner: Runner, host: HostPaths, timeout: float) -> None:
+    def __init__(
+        self, runner: Runner, host: HostPaths, timeout: float, devices: Devices | None = None
+    ) -> None:
         self.runner = runner
         self.host = host
         self.timeout = timeout
+        self.devices = devices or Devices(udev=False)
 
     @abstractmethod
     def map_command(self, image: ImageRef, read_only: bool = False) -> list[str]: ...
@@ -58,13 +65,25 @@ class RbdDeviceMapper(ABC):
         return translate_map_error(image, output)
 
     async def map(self, image: ImageRef, read_only: bool = False) -> MappedDevice:
-        try:
-            await self.runner(Command(self.map_command(image, read_only), timeout=self.timeout))
-        except ProcessError as exc:
-            raise self.map_error(image, read_only, exc.output) from exc
-        found = await self.find(image)
-        if found is None:
-            raise ProcessError(f"{self.name} mapped {image.spec} but no device shows it")
+        """Map, then wait (one deadline in all) until udev has made the device ready."""
+        started = time.monotonic()
+        # Watch before mapping: the device's udev event must not slip by unseen.
+        async with self.devices.watch() as watch:
+            try:
+                command = Command(self.map_command(image, read_only), timeout=self.timeout)
+                await self.runner(command)
+            except ProcessError as exc:
+                raise self.map_error(image, read_only, exc.output) from exc
+            found = await self.find(image)
+            if found is None:
+                raise ProcessError(f"{self.name} mapped {image.spec} but no device shows it")
+            left = max(self.timeout - (time.monotonic() - started), 0.0)
+            node = str(self.host.dev / found.device.removeprefix("/dev/"))
+            try:
+                await watch.wait_for(node, f"the {self.name} map of {image.spec}", left)
+            except BaseException:
+                await asyncio.shield(self.unmap(found))
+                raise
         return found
 
     async def broken(self, mapped: MappedDevice) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from rbdplugin.devices import Devices
 from rbdplugin.mapping import HostPaths, Mapper, MapperUnavailable, unavailable_reason
 from rbdplugin.mapping.fuse import FuseMapper
 from rbdplugin.mapping.krbd import KrbdMapper
@@ -38,9 +39,10 @@ def build_mapper(
     name: str, runner: Runner, host: HostPaths, state_dir: Path, timeout: float
 ) -> Mapper:
     """The one place mappers are constructed."""
-    table: dict[str, Mapper] = {
-        "krbd": KrbdMapper(runner, host, timeout),
-        "nbd": NbdMapper(runner, host, timeout),
-        "fuse": FuseMapper(runner, host, state_dir / "exports", timeout),
-    }
-    return table[choose(name, host)]
+    chosen = choose(name, host)
+    if chosen == "fuse":
+        return FuseMapper(runner, host, state_dir / "exports", timeout)
+    devices = Devices()  # krbd and rbd-nbd devices are announced by udev where it runs
+    if chosen == "krbd":
+        return KrbdMapper(runner, host, timeout, devices=devices)
+    return NbdMapper(runner, host, timeout, devices)

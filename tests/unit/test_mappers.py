@@ -59,7 +59,8 @@ def rbd_device(
 ) -> dict[str, str | bytes]:
     base = f"sys/bus/rbd/devices/{n}"
     return {f"{base}/pool": pool + "\n", f"{base}/pool_ns": ns + "\n",
-            f"{base}/name": name + "\n", f"{base}/current_snap": snap + "\n"}  # fmt: skip
+            f"{base}/name": name + "\n", f"{base}/current_snap": snap + "\n",
+            f"dev/rbd{n}": ""}  # fmt: skip  (devtmpfs makes the node)
 
 
 # -- krbd ------------------------------------------------------------------------------
