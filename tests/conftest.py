@@ -28,7 +28,7 @@ import pytest
 
 from rbdplugin.devcluster import DevCluster
 from tests import oracle
-from tests.helpers import Admin, DaemonProcess, write_config
+from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, write_config
 
 # alpha: trash policy (default); beta: delete; gamma: keep; delta: quotas.
 TENANTS = ("alpha", "beta", "gamma", "delta")
@@ -177,7 +177,7 @@ def daemon_toml(root: Path, conf: Path, tenants: str, **daemon: object) -> str:
         "host_id": "host-a",
         "metrics": "",
         # The tests read FUSE exports and loop devices; the kernel tier sets krbd or nbd.
-        "mapper": os.environ.get("RBDPLUGIN_TEST_MAPPER", "fuse"),
+        "mapper": TEST_MAPPER,
         **daemon,
     }
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())

@@ -19,6 +19,8 @@ import rados
 import rbd
 
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
+# The mapper test daemons use: fuse here; the kernel tier runs the suites with krbd and nbd.
+TEST_MAPPER = os.environ.get("RBDPLUGIN_TEST_MAPPER", "fuse")
 
 
 class _UnixConnection(http.client.HTTPConnection):

@@ -127,3 +127,41 @@ def fstype_at(target: str | Path) -> str:
 def source_at(target: str | Path) -> str:
     entry = mount_at(target)
     return entry["source"] if entry else ""
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
+def krbd_devices() -> dict[str, str]:
+    """/dev/rbdN -> the image it maps ("pool/image" or "pool/ns/image"), from sysfs."""
+    root = "/sys/bus/rbd/devices"
+    found = {}
+    for entry in os.listdir(root) if os.path.isdir(root) else []:
+        pool, ns, name = (_read(f"{root}/{entry}/{a}") for a in ("pool", "pool_ns", "name"))
+        found[f"/dev/rbd{entry}"] = f"{pool}/{ns}/{name}" if ns else f"{pool}/{name}"
+    return found
+
+
+def nbd_devices() -> dict[str, list[str]]:
+    """/dev/nbdN -> the command line of the process serving it, for connected devices."""
+    found = {}
+    for name in os.listdir("/sys/block"):
+        pid = _read(f"/sys/block/{name}/pid") if name.startswith("nbd") else ""
+        if pid.isdigit():
+            found[f"/dev/{name}"] = argv_of(int(pid))
+    return found
+
+
+def mappings_of(spec: str, export: str | Path) -> list[str]:
+    """Every block device that maps image ``spec`` ("pool/image"): loop devices on its
+    FUSE ``export``, krbd devices, rbd-nbd devices."""
+    return sorted(
+        loops_backed_by(export)
+        + [dev for dev, image in krbd_devices().items() if image == spec]
+        + [dev for dev, argv in nbd_devices().items() if spec in argv]
+    )

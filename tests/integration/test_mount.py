@@ -21,7 +21,7 @@ from rbdplugin.devcluster import DevCluster
 from rbdplugin.units import MiB
 from tests import oracle
 from tests.conftest import WATCH_TIMEOUT, StartDaemon, tenant_toml
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, PluginClient, unique, wait_until
 
 
 def mount(client: PluginClient, name: str, mount_id: str) -> str:
@@ -56,7 +56,7 @@ def leftovers(daemon: DaemonProcess, admin: Admin, tenant: str, name: str) -> li
     export = export_of(daemon, tenant, name)
     if oracle.is_mounted(export):
         found.append(f"FUSE export still mounted at {export}")
-    found += [f"loop {dev}" for dev in oracle.loops_backed_by(export)]
+    found += [f"mapping {dev}" for dev in oracle.mappings_of(f"{tenant}/{name}", export)]
     found += [
         f"export process {pid}"
         for pid in oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")
@@ -82,7 +82,7 @@ def test_mount_write_unmount_remount_keeps_data(daemon: DaemonProcess, admin: Ad
     expected = hashlib.sha256(data).hexdigest()
     status = client.get(name)["Volume"]["Status"]
     assert status["mountpoint"] == str(path) and status["mounts"] == {"c1": 1}
-    assert status["device"].startswith("/dev/loop") and status["mapper"] == "fuse"
+    assert status["device"] == oracle.source_at(path) and status["mapper"] == TEST_MAPPER
     assert status["fs_used_bytes"] >= 3 * MiB
     assert status["fs_size_bytes"] > 200 * MiB
     assert client.call("VolumeDriver.Path", {"Name": name})["Mountpoint"] == str(path)
@@ -136,8 +136,9 @@ def test_parallel_mounts_of_one_volume_make_one_mapping(
         paths = set(pool.map(lambda i: mount(client, name, f"id{i}"), range(10)))
     assert len(paths) == 1
     export = export_of(daemon, "alpha", name)
-    assert len(oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")) == 1
-    assert len(oracle.loops_backed_by(export)) == 1
+    assert len(oracle.mappings_of(f"alpha/{name}", export)) == 1
+    if TEST_MAPPER == "fuse":
+        assert len(oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")) == 1
     assert len(admin.watchers("alpha", name)) == 2  # the mapping, and our presence handle
     assert client.get(name)["Volume"]["Status"]["mounts"] == {f"id{i}": 1 for i in range(10)}
     with ThreadPoolExecutor(10) as pool:
@@ -227,6 +228,7 @@ def hand_mapped(cluster: DevCluster, short_tmp: Path) -> Iterator[object]:
     yield run_on
 
 
+@pytest.mark.fuse_only  # maps by hand with qemu-storage-daemon
 def test_a_filesystem_made_by_hand_is_never_reformatted(
     daemon: DaemonProcess, admin: Admin, hand_mapped: object, short_tmp: Path
 ) -> None:
@@ -250,6 +252,7 @@ def test_a_filesystem_made_by_hand_is_never_reformatted(
     assert leftovers(daemon, admin, "alpha", name) == []
 
 
+@pytest.mark.fuse_only  # maps by hand with qemu-storage-daemon
 def test_a_device_with_a_foreign_signature_is_refused_untouched(
     daemon: DaemonProcess, admin: Admin, hand_mapped: object
 ) -> None:
@@ -289,6 +292,7 @@ def test_restart_keeps_a_mount_in_use(
     mount(client, name, "c1")
     export = str(state / "exports" / "alpha" / "-" / name)
     pid = oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}")
+    device = oracle.mappings_of(f"alpha/{name}", export)
     writer = subprocess.Popen(["sh", "-c", f"while :; do date >> {path}/log; sleep 0.05; done"])
     try:
         first.kill()  # crash: the container keeps writing through the mapping
@@ -297,9 +301,9 @@ def test_restart_keeps_a_mount_in_use(
         client = second.client("alpha")
         status = client.get(name)["Volume"]["Status"]
         assert status["mounts"] == {"c1": 2}
-        assert (
-            oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}") == pid
-        )  # adopted, not remapped
+        # Adopted, not remapped: the same device, and the same export process.
+        assert oracle.mappings_of(f"alpha/{name}", export) == device
+        assert oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}") == pid
         lines = len((path / "log").read_text().splitlines())
         time.sleep(0.3)
         assert len((path / "log").read_text().splitlines()) > lines  # still writing
@@ -364,9 +368,9 @@ def test_volumes_whose_names_are_prefixes_of_each_other_stay_apart(
     long_path = Path(mount(client, long, "c"))
     (long_path / "kept").write_text("long's data")
     long_export = export_of(daemon, "alpha", long)
-    long_loops = oracle.loops_backed_by(long_export)
+    long_loops = oracle.mappings_of(f"alpha/{long}", long_export)
     long_pids = oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={long_export}")
-    assert len(long_loops) == 1 and len(long_pids) == 1
+    assert len(long_loops) == 1 and len(long_pids) == (TEST_MAPPER == "fuse")
 
     short_path = Path(mount(client, short, "c"))  # must not take long's mapping for a leftover
     assert oracle.source_at(short_path) not in long_loops
@@ -374,7 +378,7 @@ def test_volumes_whose_names_are_prefixes_of_each_other_stay_apart(
     assert leftovers(daemon, admin, "alpha", short) == []
 
     assert oracle.source_at(long_path) == long_loops[0]
-    assert oracle.loops_backed_by(long_export) == long_loops
+    assert oracle.mappings_of(f"alpha/{long}", long_export) == long_loops
     assert (
         oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={long_export}") == long_pids
     )
@@ -434,6 +438,7 @@ def test_volume_mounts_are_nosuid_and_nodev(
     lax.stop()
 
 
+@pytest.mark.fuse_only  # kills the export process
 def test_a_dead_export_shows_the_volume_broken_and_unmount_still_cleans_up(
     cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path
 ) -> None:

@@ -26,10 +26,10 @@ import pytest
 from rbdplugin.devcluster import DevCluster
 from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, PluginClient, unique, wait_until
 from tests.integration.test_mount import leftovers, mount, unmount
 
-TOOLS = ("qemu-storage-daemon", "losetup", "blkid", "cmp", "mkfs.ext4", "mount", "umount")
+TOOLS = ("qemu-storage-daemon", "losetup", "rbd", "blkid", "cmp", "mkfs.ext4", "mount", "umount")
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 WRAPPER = """#!/bin/sh
@@ -101,13 +101,17 @@ def start(cluster: DevCluster, factory: StartDaemon, state: Path, faults: Faults
 
 
 # (flag kind, tool, argument that must appear): one per stage of a Mount.
-FAILURES = [
-    ("qemu-storage-daemon", ""),
-    ("losetup", "--find"),
-    ("blkid", ""),
-    ("mkfs.ext4", ""),
-    ("mount", ""),
+# The stages that make the mapping, per mapper, as (tool, argument that must appear).
+MAP_STAGES = {
+    "fuse": [("qemu-storage-daemon", ""), ("losetup", "--find")],
+    "krbd": [("rbd", "map")],
+    "nbd": [("rbd", "map")],
+}[TEST_MAPPER]
+# The tool and argument that undo a mapping.
+UNMAP_STAGE = {"fuse": ("losetup", "--detach"), "krbd": ("rbd", "unmap"), "nbd": ("rbd", "unmap")}[
+    TEST_MAPPER
 ]
+FAILURES = [*MAP_STAGES, ("blkid", ""), ("mkfs.ext4", ""), ("mount", "")]
 
 
 @pytest.mark.parametrize(("tool", "when"), FAILURES, ids=[t for t, _ in FAILURES])
@@ -150,8 +154,8 @@ def test_a_hung_stage_is_killed_within_the_deadline(
 
 # Where the daemon is killed: (flag kind, tool, argument) reached by a Mount.
 CRASH_POINTS = [
-    ("hang", "qemu-storage-daemon", ""),  # export process about to start
-    ("hang", "losetup", "--find"),  # exported, no loop device yet
+    *[("hang", tool, when) for tool, when in MAP_STAGES],  # each step of making the mapping
+    ("after", *MAP_STAGES[-1]),  # mapped, not recorded
     ("hang", "blkid", ""),  # mapped, not probed
     ("hang", "mkfs.ext4", ""),  # mkfs about to run
     ("after", "mkfs.ext4", ""),  # mkfs done, not recorded
@@ -260,7 +264,7 @@ def test_a_slow_teardown_is_never_abandoned_nor_raced(
     assert client.create(name, {"size": "64M"}) == {"Err": ""}
     mount(client, name, "c")
     faults.arm("slow", "umount", arg="3")
-    faults.arm("slow", "losetup", "--detach", arg="3")
+    faults.arm("slow", *UNMAP_STAGE, arg="3")
     started = time.monotonic()
     err = client.call("VolumeDriver.Unmount", {"Name": name, "ID": "c"})["Err"]
     assert "clean-up did not finish within 4 s; it goes on in the background" in err, err
