@@ -13,9 +13,10 @@ PYTEST_ARGS ?=
 # the fuse mapper's tools, filesystems, and the venv module for Debian's python.
 APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-venv \
 	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl \
-	docker.io busybox-static prometheus
+	docker.io busybox-static prometheus \
+	qemu-system-x86 debootstrap kmod shellcheck
 
-.PHONY: setup run test lint unit bench clean
+.PHONY: setup run test lint unit bench clean guest
 setup: $(STAMP)
 	@scripts/ensure-apt $(APT_PACKAGES)
 
@@ -33,10 +34,13 @@ run: setup
 		exec $(VENV)/bin/rbdplugin serve --embedded-cluster "$(DEV_DIR)" --socket-dir /run/docker/plugins; \
 	fi
 
+GUEST_PY := guest/run guest/files/agent.py
 lint: setup
-	$(VENV)/bin/ruff check rbdplugin tests bench
-	$(VENV)/bin/ruff format --check rbdplugin tests bench
+	$(VENV)/bin/ruff check rbdplugin tests bench $(GUEST_PY)
+	$(VENV)/bin/ruff format --check rbdplugin tests bench $(GUEST_PY)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --strict $(GUEST_PY)
+	shellcheck guest/build guest/files/init guest/files/net-setup guest/files/rbdplugin
 
 test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -47,6 +51,12 @@ unit: setup
 # Performance targets live here, not in the (untimed) tests.
 bench: setup
 	$(PY) -m bench.run
+
+# Kernel tier: run CMD as root in the cached QEMU guest (Debian's kernel: krbd, rbd-nbd,
+# udev). The first use builds the guest into /var/cache/rbdplugin-guest. See guest/README.md.
+guest: setup
+	@if [ -z "$(CMD)" ]; then echo "usage: make guest CMD='sh -c \"modprobe rbd && ls /sys/bus/rbd\"'" >&2; exit 2; fi
+	guest/run $(CMD)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

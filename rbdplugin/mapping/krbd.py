@@ -64,7 +64,8 @@ class KrbdMapper(RbdDeviceMapper):
         return argv
 
     def unmap_command(self, mapped: MappedDevice) -> list[str]:
-        return ["rbd", "device", "unmap", mapped.device]
+        # noudev as for map: a stuck udev must not hang the unmap (a roll-back included).
+        return ["rbd", "device", "unmap", "--options", "noudev", mapped.device]
 
     def map_error(self, image: ImageRef, read_only: bool, output: str) -> Exception:
         unknown = _UNKNOWN_OPTION.search(output)

@@ -106,4 +106,4 @@ def test_a_map_whose_node_never_appears_is_rolled_back(tmp_path: Path) -> None:
     runner = FakeRunner((0, "/dev/rbd5\n", ""), on_call=kernel_maps_without_node)
     with pytest.raises(DeadlineExceeded, match="rbd5"):
         asyncio.run(KrbdMapper(runner, host, 1).map(IMAGE))
-    assert runner.calls[-1] == ["rbd", "device", "unmap", "/dev/rbd5"]
+    assert runner.calls[-1] == ["rbd", "device", "unmap", "--options", "noudev", "/dev/rbd5"]

@@ -58,9 +58,13 @@ def rbd_device(
     n: int, pool: str, name: str, ns: str = "", snap: str = "-"
 ) -> dict[str, str | bytes]:
     base = f"sys/bus/rbd/devices/{n}"
-    return {f"{base}/pool": pool + "\n", f"{base}/pool_ns": ns + "\n",
-            f"{base}/name": name + "\n", f"{base}/current_snap": snap + "\n",
-            f"dev/rbd{n}": ""}  # fmt: skip  (devtmpfs makes the node)
+    return {
+        f"{base}/pool": pool + "\n",
+        f"{base}/pool_ns": ns + "\n",
+        f"{base}/name": name + "\n",
+        f"{base}/current_snap": snap + "\n",
+        f"dev/rbd{n}": "",
+    }  # fmt: skip  (devtmpfs makes the node)
 
 
 # -- krbd ------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ def test_krbd_map_then_discover(tmp_path: Path) -> None:
     assert mapped.device == "/dev/rbd2"
     runner2 = FakeRunner()
     asyncio.run(KrbdMapper(runner2, host, 10).unmap(mapped))
-    assert runner2.calls == [["rbd", "device", "unmap", "/dev/rbd2"]]
+    assert runner2.calls == [["rbd", "device", "unmap", "--options", "noudev", "/dev/rbd2"]]
 
 
 def test_krbd_unmap_of_a_gone_device_is_a_no_op(tmp_path: Path) -> None:
@@ -175,7 +179,7 @@ def test_krbd_unmaps_a_device_that_still_maps_the_same_image(tmp_path: Path) -> 
                    MappedDevice("krbd", "tenant/vol1", "/dev/rbd6", {"id": 6})):  # fmt: skip
         runner = FakeRunner()
         asyncio.run(KrbdMapper(runner, host, 10).unmap(record))
-        assert runner.calls == [["rbd", "device", "unmap", record.device]]
+        assert runner.calls == [["rbd", "device", "unmap", "--options", "noudev", record.device]]
 
 
 def test_krbd_broken_says_why(tmp_path: Path) -> None:
