@@ -57,12 +57,18 @@ class ToolGroup:
         return {tool: package for tool, package in self.tools.items() if not found(tool)}
 
 
+# What the test daemons' mapper needs (the kernel tier runs the suites with krbd and nbd).
+MAPPER_TOOLS = {
+    "fuse": {"qemu-storage-daemon": "qemu-system-common", "fusermount3": "fuse3"},
+    "krbd": {"rbd": "ceph-common"},
+    "nbd": {"rbd": "ceph-common", "rbd-nbd": "rbd-nbd"},
+}
 TOOL_GROUPS = (
     ToolGroup("ceph", "the tests against a real Ceph cluster (-m 'not ceph' runs the others)", {
         "ceph-mon": "ceph-mon", "ceph-osd": "ceph-osd",
-        "qemu-storage-daemon": "qemu-system-common", "fusermount3": "fuse3",
         "losetup": "mount", "blkid": "util-linux", "mkfs.ext4": "e2fsprogs",
         "mkfs.xfs": "xfsprogs",
+        **MAPPER_TOOLS[TEST_MAPPER],
     }),
     ToolGroup("e2e", "the docker journeys (tests/e2e)", {
         "dockerd": "docker.io", "/usr/bin/docker": "docker.io", "containerd": "containerd",
@@ -78,7 +84,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "prometheus: needs a real Prometheus server or promtool")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# Set by tests/kernel/inside.sh: this run is inside the kernel-tier guest.
+IN_GUEST = os.environ.get("RBDPLUGIN_IN_GUEST") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests of a real kernel client and udev run inside the guest; on the host the kernel
+    # tier (tests/kernel/test_kernel_tier.py) runs them there and reports them.
+    elsewhere = [i for i in items if bool(i.get_closest_marker("kernel_inside")) != IN_GUEST
+                 and (i.get_closest_marker("kernel_inside") or i.get_closest_marker("kernel"))]  # fmt: skip
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [i for i in items if i not in elsewhere]
     for item in items:
         if "integration" in item.path.parts or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.ceph)

@@ -165,6 +165,19 @@ class Admin:
         with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
             return dict(im.metadata_list())
 
+    def format_marks(self, pool: str, image: str) -> dict[str, str]:
+        """Our mkfs's marks of ``image`` (omap of rbdplugin.format.<image id>)."""
+        with self.cluster.open_ioctx(pool) as ioctx:
+            with rbd.Image(ioctx, image, read_only=True) as im:
+                image_id = im.id()
+            try:
+                with rados.ReadOpCtx() as op:
+                    entries, _ = ioctx.get_omap_vals(op, "", "", 16)
+                    ioctx.operate_read_op(op, f"rbdplugin.format.{image_id}")
+                    return {k: v.decode() for k, v in entries}
+            except rados.ObjectNotFound:
+                return {}
+
     def size(self, pool: str, image: str) -> int:
         with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
             size: int = im.size()

@@ -33,9 +33,13 @@ KEPT_MARK = "~removed-"
 # Read-only companion volumes (source= access=ro) are omap entries of this object in
 # the tenant's own pool and namespace (pool metadata would be shared across namespaces).
 COMPANIONS = "rbdplugin.companions"
-# When our mkfs finished. Images formatted before this key existed are recognised by
-# having been created by us (created_by) and no longer being fresh.
-FORMATTED = f"{META}formatted"
+# Our mkfs's progress on an image ("formatting" while it runs, "formatted" once done)
+# lives in omap keys of a RADOS object of our own, named by the image's id (stable
+# across rename and trash), not in image metadata: a read-write krbd or rbd-nbd
+# mapping holds the image's exclusive lock for good (map option exclusive), and
+# librbd refuses every metadata write meanwhile (EROFS). Images formatted by an
+# older version are recognised by having been created by us and no longer "fresh".
+FORMAT_MARKS = "rbdplugin.format."
 
 
 class RbdBackend:
@@ -186,15 +190,17 @@ class RbdBackend:
                     ),
                 )
                 created_at = meta.get(f"{META}created_at") or _iso(image.create_timestamp())
+                image_id = image.id()
+            marks = _format_marks(ioctx, image_id)
             return VolumeInfo(
                 name=name,
                 spec=spec,
                 location=self.location(pool, name),
                 created_at=created_at,
                 created_by=meta.get(f"{META}created_by", ""),
-                fresh=meta.get(f"{META}fresh") == "1",
-                formatted=_formatted(meta),
-                unformat_hint=f"rbd image-meta remove {self.location(pool, name)} {FORMATTED}",
+                fresh=meta.get(f"{META}fresh") == "1" and not marks,
+                formatted=_formatted(meta, marks),
+                unformat_hint=self._unformat_hint(pool, image_id),
                 watchers=watchers,
             )
 
@@ -255,31 +261,39 @@ class RbdBackend:
     # -- formatting marks ----------------------------------------------------------------
 
     async def formatting_started(self, name: str) -> None:
-        await self._set_meta(name, {f"{META}formatting": datetime.now(UTC).isoformat()})
+        await self._mark_format(name, {"formatting": _now()}, ())
 
     async def formatting_done(self, name: str) -> None:
-        done = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        await self._set_meta(
-            name, {FORMATTED: done, f"{META}formatting": None, f"{META}fresh": None}
-        )
+        await self._mark_format(name, {"formatted": _now()}, ("formatting",))
 
     async def formatting_interrupted(self, name: str) -> bool:
         pool = await self._pool_of(name)
 
         def read(ioctx: rados.Ioctx) -> bool:
             with rbd.Image(ioctx, name, read_only=True) as image:
-                return any(key == f"{META}formatting" for key, _ in image.metadata_list())
+                legacy = any(key == f"{META}formatting" for key, _ in image.metadata_list())
+                image_id = image.id()
+            return legacy or "formatting" in _format_marks(ioctx, image_id)
 
         return await self.client.run(pool, f"reading volume {name!r}", read)
 
-    async def _set_meta(self, name: str, values: Mapping[str, str | None]) -> None:
+    async def _mark_format(self, name: str, put: dict[str, str], drop: tuple[str, ...]) -> None:
         pool = await self._pool_of(name)
 
         def write(ioctx: rados.Ioctx) -> None:
-            with rbd.Image(ioctx, name) as image:
-                _write_metadata(image, values)
+            with rbd.Image(ioctx, name, read_only=True) as image:
+                image_id = image.id()
+            with rados.WriteOpCtx() as op:
+                ioctx.set_omap(op, tuple(put), tuple(v.encode() for v in put.values()))
+                if drop:
+                    ioctx.remove_omap_keys(op, drop)
+                ioctx.operate_write_op(op, FORMAT_MARKS + image_id)
 
         await self.client.run(pool, f"updating volume {name!r}", write)
+
+    def _unformat_hint(self, pool: str, image_id: str) -> str:
+        ns = f" --namespace {self.tenant.namespace}" if self.tenant.namespace else ""
+        return f"rados --pool {pool}{ns} rmomapkey {FORMAT_MARKS}{image_id} formatted"
 
     # -- remove ------------------------------------------------------------------------
 
@@ -307,7 +321,11 @@ class RbdBackend:
 
         def remove(ioctx: rados.Ioctx) -> RemoveOutcome:
             if policy == "delete":
+                with rbd.Image(ioctx, name, read_only=True) as image:
+                    image_id = image.id()
                 rbd.RBD().remove(ioctx, name)
+                with contextlib.suppress(rados.ObjectNotFound):  # never formatted
+                    ioctx.remove_object(FORMAT_MARKS + image_id)
                 return "deleted"
             if policy == "trash":
                 rbd.RBD().trash_move(ioctx, name, self.tenant.trash_delay)
@@ -349,9 +367,23 @@ def _is_volume_name(name: str) -> bool:
     return True
 
 
-def _formatted(meta: Mapping[str, str]) -> str:
-    if meta.get(FORMATTED):
-        return f"at {meta[FORMATTED]}"
+def _format_marks(ioctx: rados.Ioctx, image_id: str) -> dict[str, str]:
+    try:
+        with rados.ReadOpCtx() as op:
+            entries, _ = ioctx.get_omap_vals(op, "", "", 16)
+            ioctx.operate_read_op(op, FORMAT_MARKS + image_id)
+            return {key: value.decode() for key, value in entries}
+    except rados.ObjectNotFound:
+        return {}
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _formatted(meta: Mapping[str, str], marks: Mapping[str, str]) -> str:
+    if marks.get("formatted"):
+        return f"at {marks['formatted']}"
     made_by_us = bool(meta.get(f"{META}created_by"))
     if made_by_us and f"{META}fresh" not in meta and f"{META}formatting" not in meta:
         return "(before formatting times were recorded)"

@@ -86,7 +86,7 @@ def test_mount_write_unmount_remount_keeps_data(daemon: DaemonProcess, admin: Ad
     assert status["fs_used_bytes"] >= 3 * MiB
     assert status["fs_size_bytes"] > 200 * MiB
     assert client.call("VolumeDriver.Path", {"Name": name})["Mountpoint"] == str(path)
-    assert admin.metadata("alpha", name).get("rbdplugin.fresh") is None  # formatted now
+    assert admin.format_marks("alpha", name).keys() == {"formatted"}  # formatted now, by us
 
     unmount(client, name, "c1")
     assert leftovers(daemon, admin, "alpha", name) == []

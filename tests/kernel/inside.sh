@@ -1,0 +1,39 @@
+#!/bin/sh
+# Runs inside the kernel-tier guest (guest/run, real kernel, systemd-udevd): the
+# project's own suites with the krbd mapper, then with rbd-nbd, then the udev and
+# Docker checks. Each suite's pytest output and JUnit report go to /out, which
+# tests/kernel/test_kernel_tier.py reads on the host. Arguments: the suites to run
+# (default: all of them).
+set -u
+cd /src || exit 2
+modprobe rbd || exit 2
+modprobe nbd nbds_max=32 || exit 2
+
+# name mapper pytest-arguments...
+suite() {
+    name=$1 mapper=$2
+    shift 2
+    echo "=== $name (mapper $mapper) started $(date +%T)"
+    started=$(date +%s)
+    RBDPLUGIN_IN_GUEST=1 RBDPLUGIN_TEST_MAPPER=$mapper python3 -m pytest -p no:cacheprovider -q -rfE -s \
+        --junitxml="/out/$name.xml" "$@" >"/out/$name.log" 2>&1
+    rc=$?
+    tail -n 3 "/out/$name.log"
+    echo "=== $name: exit $rc after $(($(date +%s) - started)) s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+status=0
+suites=${*:-udev krbd-mount krbd-faults nbd-mount krbd-locks krbd-docker}
+for s in $suites; do
+    case $s in
+    udev) suite udev krbd tests/kernel/test_udev_inside.py ;;
+    krbd-mount) suite krbd-mount krbd -m "not fuse_only" tests/integration/test_mount.py ;;
+    krbd-faults) suite krbd-faults krbd -m "not fuse_only" tests/integration/test_mount_faults.py ;;
+    nbd-mount) suite nbd-mount nbd -m "not fuse_only" tests/integration/test_mount.py ;;
+    krbd-locks) suite krbd-locks krbd -m "not fuse_only" tests/integration/test_locks.py ;;
+    krbd-docker) suite krbd-docker krbd tests/e2e/test_journeys.py -k "test_2_" ;;
+    *) echo "unknown suite $s" >&2; status=2 ;;
+    esac
+done
+exit $status
