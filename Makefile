@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check rbdplugin tests bench $(GUEST_PY)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict $(GUEST_PY)
-	shellcheck guest/build guest/files/init guest/files/net-setup guest/files/rbdplugin
+	shellcheck guest/build guest/files/init guest/files/net-setup guest/files/rbdplugin tests/kernel/inside.sh
 
 test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)

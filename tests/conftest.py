@@ -6,8 +6,8 @@ tests share the cluster and the daemon without seeing each other.
 
 Tests never skip silently. A test whose tools are missing fails, naming the Debian
 packages to install, unless the run opts out of its group with the group's variable
-(``RBDPLUGIN_SKIP_E2E=1``, ``RBDPLUGIN_SKIP_PROMETHEUS=1``); the terminal summary then
-says what was not run.
+(``RBDPLUGIN_SKIP_E2E=1``, ``RBDPLUGIN_SKIP_PROMETHEUS=1``, ``RBDPLUGIN_SKIP_KERNEL=1``);
+the terminal summary then says what was not run.
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ TOOL_GROUPS = (
     ToolGroup("prometheus", "the tests with a real Prometheus server and promtool", {
         "prometheus": "prometheus", "promtool": "prometheus",
     }, opt_out="RBDPLUGIN_SKIP_PROMETHEUS"),
+    ToolGroup("kernel", "the kernel tier: krbd, rbd-nbd and udev in a QEMU guest (tests/kernel)", {
+        "qemu-system-x86_64": "qemu-system-x86", "debootstrap": "debootstrap",
+        "qemu-img": "qemu-utils", "depmod": "kmod",
+    }, opt_out="RBDPLUGIN_SKIP_KERNEL"),
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests import oracle
 from tests.e2e.conftest import IMAGE, Stack
-from tests.helpers import Admin, unique, wait_until
+from tests.helpers import TEST_MAPPER, Admin, unique, wait_until
 
 RUN = ("run", "--rm", "--network", "none")
 # sync -f flushes only the volume's filesystem: a plain sync(2) would wait on every
@@ -77,11 +77,17 @@ def test_2_write_in_one_container_read_in_the_next(stack: Stack) -> None:
     # Between the containers the volume is unmounted and unmapped: the data is in the image.
     assert not oracle.is_mounted(stack.mountpoint("alpha", name))
     read = stack.docker(*RUN, "--volume-driver", driver, "-v", f"{name}:/mnt/v1", IMAGE,
-                        "sh", "-c", "cat /mnt/v1/f; df -k /mnt/v1 | tail -1")  # fmt: skip
+                        "sh", "-c", "cat /mnt/v1/f; df -k /mnt/v1 | tail -1; "
+                        "grep ' /mnt/v1 ' /proc/mounts")  # fmt: skip
     lines = read.stdout.splitlines()
     assert lines[0] == "hello"
     size_kib = int(lines[1].split()[1])
     assert 900 * 1024 < size_kib <= 1024 * 1024  # the volume's 1G, less ext4's overhead
+    print(f"inside the container ({TEST_MAPPER} mapper): {lines[2]}")
+    device = lines[2].split()[0]  # what the container's mount table says backs /mnt/v1
+    assert device.startswith(
+        {"fuse": "/dev/loop", "krbd": "/dev/rbd", "nbd": "/dev/nbd"}[TEST_MAPPER]
+    )
 
 
 def test_3_implicit_create_with_defaults_and_with_an_option(stack: Stack, admin: Admin) -> None:

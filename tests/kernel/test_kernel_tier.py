@@ -1,0 +1,83 @@
+"""The kernel tier: krbd, rbd-nbd and udev for real.
+
+This host's kernel has neither rbd nor nbd, so one session-wide boot of the cached
+QEMU guest (guest/run: Debian's own kernel, systemd, udev) runs the project's own
+suites inside it (tests/kernel/inside.sh): the mount suite and its failure and
+crash points with krbd, the mount suite with rbd-nbd, the two-host lease suite's
+kernel-relevant cases with krbd, the udev checks and a Docker journey. Each suite
+is one test here, judged from the JUnit report the guest wrote. Every run's output
+and the path of the guest's console log are kept in RBDPLUGIN_KERNEL_LOGS.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parents[2]
+KEEP = Path(os.environ.get("RBDPLUGIN_KERNEL_LOGS", "/var/tmp/rbdplugin-kernel-tier"))
+RUNS_KEPT = 10
+# Suite -> the fewest tests it must have run (a suite that collects nothing proves nothing).
+SUITES = {
+    "udev": 2,
+    "krbd-mount": 12,
+    "krbd-faults": 14,
+    "nbd-mount": 12,
+    "krbd-locks": 4,
+    "krbd-docker": 1,
+}
+GUEST_DEADLINE = 40 * 60
+
+
+@pytest.fixture(scope="session")
+def guest_run() -> Path:
+    """Boot the guest once, run every suite in it; the folder holding what it wrote."""
+    KEEP.mkdir(parents=True, exist_ok=True)
+    for old in sorted(KEEP.iterdir())[:-RUNS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+    out = KEEP / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir()
+    started = time.monotonic()
+    with (out / "guest-run.log").open("w") as log:
+        done = subprocess.run(
+            [str(ROOT / "guest" / "run"), "--out", str(out), "sh", "/src/tests/kernel/inside.sh"],
+            stdout=log, stderr=subprocess.STDOUT, timeout=GUEST_DEADLINE, check=False,
+        )  # fmt: skip
+    text = (out / "guest-run.log").read_text(errors="replace")
+    print(f"\nkernel tier: {time.monotonic() - started:.0f} s in the guest; output in {out}")
+    print("\n".join(line for line in text.splitlines() if line.startswith(("guest:", "==="))))
+    if done.returncode in (124, 125):  # could not boot, or past GUEST_TIMEOUT
+        pytest.fail(f"the kernel-tier guest failed (exit {done.returncode}); see {out}:\n"
+                    f"{text[-3000:]}", pytrace=False)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("suite", list(SUITES))
+def test_suite_passes_in_the_guest(guest_run: Path, suite: str) -> None:
+    report = guest_run / f"{suite}.xml"
+    assert report.exists(), f"suite {suite} did not run in the guest; see {guest_run}"
+    root = ET.parse(report).getroot()  # noqa: S314 - our own guest wrote it
+    counts = root if root.tag == "testsuite" else root.find("testsuite")
+    assert counts is not None, f"{report} has no test suite"
+    tests, skipped = int(counts.get("tests", 0)), int(counts.get("skipped", 0))
+    failures, errors = int(counts.get("failures", 0)), int(counts.get("errors", 0))
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in counts.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    assert (failures, errors) == (0, 0), (
+        f"{suite} in the guest: {failures} failed, {errors} errors: {failed}; "
+        f"output in {guest_run / (suite + '.log')}"
+    )
+    assert tests - skipped >= SUITES[suite], (
+        f"{suite} ran only {tests - skipped} tests in the guest; see {guest_run / (suite + '.log')}"
+    )
