@@ -199,6 +199,8 @@ def daemon_toml(root: Path, conf: Path, tenants: str, **daemon: object) -> str:
         "metrics": "",
         # The tests read FUSE exports and loop devices; the kernel tier sets krbd or nbd.
         "mapper": TEST_MAPPER,
+        # The kernel tier's guest runs under TCG, several times slower: it raises this.
+        "op_timeout": int(os.environ.get("RBDPLUGIN_TEST_OP_TIMEOUT", "25")),
         **daemon,
     }
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())

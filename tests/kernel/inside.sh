@@ -15,7 +15,7 @@ suite() {
     shift 2
     echo "=== $name (mapper $mapper) started $(date +%T)"
     started=$(date +%s)
-    RBDPLUGIN_IN_GUEST=1 RBDPLUGIN_TEST_MAPPER=$mapper python3 -m pytest -p no:cacheprovider -q -rfE -s \
+    RBDPLUGIN_IN_GUEST=1 RBDPLUGIN_TEST_MAPPER=$mapper python3 -m pytest -p no:cacheprovider -q -rfE -s --durations=5 \
         --junitxml="/out/$name.xml" "$@" >"/out/$name.log" 2>&1
     rc=$?
     tail -n 3 "/out/$name.log"
@@ -25,6 +25,8 @@ suite() {
 
 # Each krbd map costs seconds under TCG: a few race rounds prove the same thing here.
 export RBDPLUGIN_RACE_ROUNDS=4
+# Everything runs several times slower under TCG (8 parallel rbd-nbd maps take >25 s).
+export RBDPLUGIN_TEST_OP_TIMEOUT=60
 status=0
 suites=${*:-udev krbd-mount krbd-faults nbd-mount krbd-locks krbd-docker}
 for s in $suites; do
