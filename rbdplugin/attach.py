@@ -185,6 +185,8 @@ class Attacher:
 
     async def _map(self, image: ImageRef, read_only: bool) -> MappedDevice:
         found = await self.mapper.find(image)
+        if found is not None and read_only and self.fs.mount_points_of(found.device):
+            found = None  # someone else's read-only use: a second read-only map is harmless
         if found is not None:
             # Not in our table, so not ours to keep: a leftover from a crash, or someone else's.
             users = self.fs.mount_points_of(found.device)
@@ -325,11 +327,8 @@ class Attacher:
         if record.mapped is not None:
             with self.metrics.stage("unmap"):
                 await self.mapper.unmap(record.mapped)
-        # Then whatever of the image is still mapped: a partial mapping left by a crash.
-        leftover = None if shared else await self.mapper.find(image)
-        if leftover is not None:
-            with self.metrics.stage("unmap"):
-                await self.mapper.unmap(leftover)
+        elif not shared:
+            await self._unmap_unrecorded(image)
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
         if self.table.get(record.volume) is not record:
@@ -339,6 +338,20 @@ class Attacher:
         if not shared:  # only our own claim: after a takeover the lease is someone else's
             await self.leases.release(record.pool, record.image)
         self.table.drop(record.volume)
+
+    async def _unmap_unrecorded(self, image: ImageRef) -> None:
+        """A mapping of ``image`` our crash or roll-back may have left unrecorded; never one
+        that is mounted (that is someone's in use, e.g. another client's on this kernel)."""
+        leftover = await self.mapper.find(image)
+        if leftover is None:
+            return
+        users = self.fs.mount_points_of(leftover.device) if leftover.device else []
+        if users:
+            log.warning("image %s: leaving %s alone: it is mounted at %s", image.spec,
+                        leftover.device, ", ".join(users))  # fmt: skip
+            return
+        with self.metrics.stage("unmap"):
+            await self.mapper.unmap(leftover)
 
     # -- leases --------------------------------------------------------------------------
 

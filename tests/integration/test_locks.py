@@ -340,6 +340,9 @@ def test_locks_ls_and_break_fence_a_live_holder(hosts: tuple[Host, Host]) -> Non
     assert direct_write_fails(a_path / "after-break")
     wait_until(lambda: f"volume {volume}: LOST" in a.daemon.log(), 20, "host-a noticing the break")
     assert a.counted("leases_lost") == 1
+    # host-a's containers stop; its fenced mount goes (in the kernel tier both "hosts" share
+    # one kernel, so host-b would otherwise find host-a's fenced device still mounted).
+    assert a.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
     assert b.mount(volume)["Err"] == ""
     assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
 

@@ -305,6 +305,7 @@ def slow_fuse(faults: Faults) -> Iterator[None]:
     server.wait(30)
 
 
+@pytest.mark.fuse_only  # its slow file is a qemu-storage-daemon FUSE export
 def test_a_tool_stuck_in_the_kernel_fails_the_mount_at_its_deadline(
     cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path,
     faults: Faults, slow_fuse: None,
