@@ -106,17 +106,16 @@ class KrbdMapper(RbdDeviceMapper):
         number = str(mapped.details.get("id", mapped.device.removeprefix("/dev/rbd")))
         return self.host.sys / "bus" / "rbd" / "devices" / number if number.isdigit() else None
 
-    async def find(self, image: ImageRef) -> MappedDevice | None:
+    async def find_all(self, image: ImageRef) -> list[MappedDevice]:
         devices = self.host.sys / "bus" / "rbd" / "devices"
         if not devices.is_dir():
-            return None
-        for entry in sorted(
-            devices.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1
-        ):
-            if _spec_of(entry) == image.spec:
-                details: dict[str, str | int] = {"id": int(entry.name)}
-                return MappedDevice(self.name, image.spec, f"/dev/rbd{entry.name}", details)
-        return None
+            return []
+        entries = sorted(devices.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+        return [
+            MappedDevice(self.name, image.spec, f"/dev/rbd{entry.name}", {"id": int(entry.name)})
+            for entry in entries
+            if _spec_of(entry) == image.spec
+        ]
 
 
 def _spec_of(entry: Path) -> str:

@@ -65,15 +65,18 @@ class NbdMapper(RbdDeviceMapper):
             )
         return None
 
-    async def find(self, image: ImageRef) -> MappedDevice | None:
+    async def find_all(self, image: ImageRef) -> list[MappedDevice]:
+        found = []
         for entry in sorted((self.host.sys / "block").glob("nbd*")):
             pid = read(entry / "pid")
             if not pid.isdigit():
                 continue
             argv = cmdline(self.host, int(pid))
             if _is_rbd_nbd(argv) and _serves(argv, image.spec):
-                return MappedDevice(self.name, image.spec, f"/dev/{entry.name}", {"pid": int(pid)})
-        return None
+                found.append(
+                    MappedDevice(self.name, image.spec, f"/dev/{entry.name}", {"pid": int(pid)})
+                )
+        return found
 
 
 def _is_rbd_nbd(argv: list[str]) -> bool:

@@ -59,7 +59,12 @@ class RbdDeviceMapper(ABC):
         """Why ``mapped.device`` no longer serves ``mapped.image``; None while it does."""
 
     @abstractmethod
-    async def find(self, image: ImageRef) -> MappedDevice | None: ...
+    async def find_all(self, image: ImageRef) -> list[MappedDevice]:
+        """Every device of this kind that maps ``image`` now (another client's too)."""
+
+    async def find(self, image: ImageRef) -> MappedDevice | None:
+        found = await self.find_all(image)
+        return found[0] if found else None
 
     def map_error(self, image: ImageRef, read_only: bool, output: str) -> Exception:
         return translate_map_error(image, output)
@@ -69,14 +74,13 @@ class RbdDeviceMapper(ABC):
         started = time.monotonic()
         # Watch before mapping: the device's udev event must not slip by unseen.
         async with self.devices.watch() as watch:
+            before = {m.device for m in await self.find_all(image)}
             try:
                 command = Command(self.map_command(image, read_only), timeout=self.timeout)
-                await self.runner(command)
+                done = await self.runner(command)
             except ProcessError as exc:
                 raise self.map_error(image, read_only, exc.output) from exc
-            found = await self.find(image)
-            if found is None:
-                raise ProcessError(f"{self.name} mapped {image.spec} but no device shows it")
+            found = self._made(image, done.stdout, before, await self.find_all(image))
             left = max(self.timeout - (time.monotonic() - started), 0.0)
             node = str(self.host.dev / found.device.removeprefix("/dev/"))
             try:
@@ -85,6 +89,23 @@ class RbdDeviceMapper(ABC):
                 await asyncio.shield(self.unmap(found))
                 raise
         return found
+
+    def _made(
+        self, image: ImageRef, stdout: str, before: set[str], now: list[MappedDevice]
+    ) -> MappedDevice:
+        """The device this map made: not one that mapped the image before (another
+        client's read-only map, on this kernel), preferably the one the tool printed."""
+        new = [m for m in now if m.device not in before]
+        printed = [line.strip() for line in stdout.splitlines() if line.startswith("/dev/")]
+        for mapped in new:
+            if printed and mapped.device == printed[-1]:
+                return mapped
+        if len(new) == 1:
+            return new[0]
+        raise ProcessError(
+            f"{self.name} mapped {image.spec} but cannot tell its device "
+            f"(printed {printed[-1] if printed else 'nothing'}; new: {[m.device for m in new]})"
+        )
 
     async def broken(self, mapped: MappedDevice) -> str | None:
         if not mapped.device:

@@ -424,3 +424,15 @@ def test_nothing_available_says_why(tmp_path: Path) -> None:
         match=r"mapper krbd cannot work on this host: the kernel has no rbd module",
     ):
         choose("krbd", empty)
+
+
+def test_krbd_map_returns_the_device_it_made_not_another_clients(tmp_path: Path) -> None:
+    # On one kernel another client (a read-only user, another daemon) may map the image too.
+    host = write(tmp_path, {"sys/bus/rbd/add": "", **rbd_device(0, "tenant", "vol1")})
+
+    def kernel_maps(command: Command) -> None:
+        write(tmp_path, rbd_device(1, "tenant", "vol1"))
+
+    runner = FakeRunner((0, "/dev/rbd1\n", ""), on_call=kernel_maps)
+    mapped = asyncio.run(KrbdMapper(runner, host, 10).map(IMAGE, read_only=True))
+    assert mapped.device == "/dev/rbd1" and mapped.details == {"id": 1}
