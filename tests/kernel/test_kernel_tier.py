@@ -30,7 +30,7 @@ SUITES = {
     "udev": 2,
     "krbd-mount": 12,
     "krbd-faults": 14,
-    "nbd-mount": 12,
+    "nbd-mount": 6,
     "krbd-locks": 4,
     "krbd-docker": 1,
 }
