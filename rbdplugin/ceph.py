@@ -4,7 +4,9 @@ Each tenant gets one long-lived ``rados.Rados`` handle authenticated as that
 tenant's own cephx user, so Ceph's caps (not only our checks) keep tenants apart.
 The bindings block in C, so every call runs in the tenant's own thread pool under
 a deadline; a hung cluster costs that tenant threads, never the event loop or
-another tenant. rados/rbd exceptions are translated here, and only here, into
+another tenant. A connection that fails (a timeout, a blocklisting) is retired
+and replaced, and shut down only once the last call still running on it has
+returned. rados/rbd exceptions are translated here, and only here, into
 :mod:`rbdplugin.errors`.
 """
 
@@ -13,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import rados
 import rbd
@@ -62,8 +65,120 @@ def feature_names(bits: int) -> tuple[str, ...]:
     return tuple(name for name, bit in FEATURE_BITS.items() if bits & bit)
 
 
+class Connection:
+    """One Rados handle and its I/O contexts, shut down only once no call uses it.
+
+    Every call in the tenant's pool holds a use of the connection it started on.
+    A connection that failed is *retired*: new calls get a new one, and whoever
+    drops the last use of the retired one starts its shutdown, which first closes
+    the images kept open on it (librbd images still open at rados_shutdown crash
+    the process, and so does a call still running on a shut-down handle).
+    """
+
+    def __init__(self, cluster: rados.Rados, namespace: str, name: str) -> None:
+        self.cluster = cluster
+        self.namespace = namespace
+        self.name = name
+        self.closed: Future[None] = Future()
+        # Guards the counts and tables below; never held across a Ceph call.
+        self._lock = threading.Lock()
+        self._uses = 0
+        self._retired = False
+        self._closing = False
+        self._ioctxs: dict[str, rados.Ioctx] = {}
+        self._kept: dict[tuple[str, str], rbd.Image] = {}
+
+    def hold(self) -> bool:
+        """Take a use; False once the shutdown has begun."""
+        with self._lock:
+            if self._closing:
+                return False
+            self._uses += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._uses -= 1
+            last = self._retired and self._uses == 0 and not self._closing
+            self._closing = self._closing or last
+        if last:
+            self._start_shutdown()
+
+    def retire(self) -> None:
+        """No new calls from now on; shut down when the last running one ends."""
+        with self._lock:
+            last = not self._retired and self._uses == 0 and not self._closing
+            self._retired = True
+            self._closing = self._closing or last
+        if last:
+            self._start_shutdown()
+
+    def _start_shutdown(self) -> None:
+        # Never on the event loop (the last use may be dropped there) and never in the
+        # pool (its threads may all be stuck on a dead cluster).
+        threading.Thread(target=self._shutdown, name=f"{self.name}-shutdown").start()
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            images, self._kept = list(self._kept.values()), {}
+            ioctxs, self._ioctxs = list(self._ioctxs.values()), {}
+        try:
+            for image in images:
+                try:
+                    image.close()
+                except rbd.Error as exc:
+                    log.debug("%s: closing an image kept open: %s", self.name, exc)
+            for ioctx in ioctxs:
+                ioctx.close()
+            self.cluster.shutdown()
+        except Exception:
+            log.exception("%s: shutting down a Ceph connection failed", self.name)
+        finally:
+            self.closed.set_result(None)
+
+    # -- used only by a call holding a use -------------------------------------------------
+
+    def ioctx(self, pool: str) -> rados.Ioctx:
+        """The shared I/O context of ``pool`` in the tenant's namespace."""
+        with self._lock:
+            found = self._ioctxs.get(pool)
+        if found is not None:
+            return found
+        ioctx = self.cluster.open_ioctx(pool)
+        ioctx.set_namespace(self.namespace)
+        with self._lock:
+            found = self._ioctxs.setdefault(pool, ioctx)
+        if found is not ioctx:  # another call opened it meanwhile
+            ioctx.close()
+        return found
+
+    def keep_open(self, pool: str, image: str) -> bool:
+        key = (pool, image)
+        with self._lock:
+            if key in self._kept:
+                return False
+        handle = rbd.Image(self.ioctx(pool), image)
+        with self._lock:
+            kept = self._kept.setdefault(key, handle)
+        if kept is not handle:
+            handle.close()
+            return False
+        return True
+
+    def close_kept(self, pool: str, image: str) -> None:
+        with self._lock:
+            handle = self._kept.pop((pool, image), None)
+        if handle is not None:
+            handle.close()
+
+    def keeps(self, pool: str, image: str) -> bool:
+        with self._lock:
+            return (pool, image) in self._kept
+
+
 class CephClient:
-    """The tenant's Rados handle, its per-pool I/O contexts and its thread pool."""
+    """The tenant's Ceph connection (one at a time, renewed after a failure) and its
+    thread pool."""
 
     def __init__(
         self,
@@ -78,16 +193,14 @@ class CephClient:
         self.tenant = tenant
         self.deadline = deadline
         self._executor = ThreadPoolExecutor(THREADS_PER_TENANT, f"ceph-{tenant.name}")
-        self._cluster: rados.Rados | None = None
-        self._ioctxs: dict[str, rados.Ioctx] = {}
+        self._connection: Connection | None = None
+        # Connections not shut down yet: the current one and retired ones still in use.
+        self._live: set[Connection] = set()
         self._connecting = asyncio.Lock()
-        # Run in the pool thread just before the handle is shut down: librbd images
-        # still open at rados_shutdown crash the process.
-        self.before_shutdown: list[Callable[[], None]] = []
 
     @property
     def connected(self) -> bool:
-        return self._cluster is not None
+        return self._connection is not None
 
     @property
     def who(self) -> str:
@@ -95,9 +208,9 @@ class CephClient:
 
     async def connect(self) -> None:
         async with self._connecting:
-            if self._cluster is None:
+            if self._connection is None:
                 try:
-                    self._cluster = await self._in_thread(self._connect, "connecting to Ceph")
+                    cluster = await self._open()
                 except PermissionDenied:
                     raise
                 except RbdPluginError as exc:
@@ -105,8 +218,26 @@ class CephClient:
                         f"cannot connect to Ceph as {self.who} with {self.ceph.conf} and keyring "
                         f"{self.tenant.keyring}: {exc}"
                     ) from exc
+                conn = Connection(cluster, self.tenant.namespace, f"ceph-{self.tenant.name}")
+                self._live = {c for c in self._live if not c.closed.done()} | {conn}
+                self._connection = conn
                 log.info("tenant %s: connected to Ceph as %s", self.tenant.name, self.who)
-                await self._fence_predecessor()
+                await self._fence_predecessor(conn)
+
+    async def _open(self) -> rados.Rados:
+        future = self._submit(self._connect)
+        try:
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(future), self.deadline)
+            except BaseException:  # timed out or cancelled: if it connects later, nobody uses it
+                future.add_done_callback(_shut_down_late)
+                raise
+        except TimeoutError as exc:
+            raise CephUnavailable(
+                f"Ceph did not answer within {self.deadline:.0f} s while connecting"
+            ) from exc
+        except (rados.Error, rbd.Error) as exc:
+            raise translate(exc, "connecting to Ceph", None, self.who) from exc
 
     def _connect(self) -> rados.Rados:
         timeout = str(self.ceph.client_timeout)
@@ -127,19 +258,21 @@ class CephClient:
             raise
         return cluster
 
-    async def _fence_predecessor(self) -> None:
+    async def _fence_predecessor(self, conn: Connection) -> None:
         """Blocklist the address our previous connection used (a crashed daemon's, or one
         we dropped): its watches would otherwise linger for osd_client_watch_timeout and
         make volumes look in use."""
-        if self.address_file is None or self._cluster is None:
+        if self.address_file is None:
             return
-        cluster = self._cluster
-        own: str = await self._in_thread(cluster.get_addrs, "reading our client address")
+        own: str = await self._on(
+            conn, lambda c: c.cluster.get_addrs(), "reading our client address"
+        )
         previous = read_json(self.address_file, {}).get("address")
         if previous and previous != own:
             try:
-                await self._in_thread(
-                    lambda: cluster.blocklist_add(previous, PREDECESSOR_FENCE_SECONDS),
+                await self._on(
+                    conn,
+                    lambda c: c.cluster.blocklist_add(previous, PREDECESSOR_FENCE_SECONDS),
                     f"fencing our previous client address {previous}",
                 )
                 log.info(
@@ -149,35 +282,29 @@ class CephClient:
                 log.warning("tenant %s: could not fence %s: %s", self.tenant.name, previous, exc)
         write_json(self.address_file, {"address": own})
 
+    # -- calls -----------------------------------------------------------------------------
+
     async def run(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
         """Run ``fn(ioctx)`` for ``pool`` (in the tenant's namespace) in the thread pool."""
-        await self.connect()
-        try:
-            return await self._in_thread(lambda: fn(self._ioctx(pool)), action, pool)
-        except CephUnavailable:
-            self._disconnect_after_failure()
-            raise
+        return await self._on(await self._current(), lambda c: fn(c.ioctx(pool)), action, pool)
 
     async def run_private(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
         """Like :meth:`run` with an I/O context of its own: for version-guarded updates,
         whose ``get_last_version()`` must not see another thread's operation."""
-        await self.connect()
 
-        def call() -> T:
-            if self._cluster is None:
-                raise CephUnavailable("the Ceph connection was closed")
-            ioctx = self._cluster.open_ioctx(pool)
+        def call(conn: Connection) -> T:
+            ioctx = conn.cluster.open_ioctx(pool)
             try:
-                ioctx.set_namespace(self.tenant.namespace)
+                ioctx.set_namespace(conn.namespace)
                 return fn(ioctx)
             finally:
                 ioctx.close()
 
-        try:
-            return await self._in_thread(call, action, pool)
-        except CephUnavailable:
-            self._disconnect_after_failure()
-            raise
+        return await self._on(await self._current(), call, action, pool)
+
+    async def run_cluster(self, action: str, fn: Callable[[rados.Rados], T]) -> T:
+        """Run ``fn(cluster)`` for cluster-wide calls (blocklisting, our own identity)."""
+        return await self._on(await self._current(), lambda c: fn(c.cluster), action)
 
     async def address(self) -> tuple[str, int]:
         """This connection's client address and global id, as watchers show them."""
@@ -185,77 +312,115 @@ class CephClient:
             "reading our client address", lambda c: (c.get_addrs(), c.get_instance_id())
         )
 
-    async def run_cluster(self, action: str, fn: Callable[[rados.Rados], T]) -> T:
-        """Run ``fn(cluster)`` for cluster-wide calls (blocklisting, our own identity)."""
+    # -- images kept open (a watch on the header says this client uses the image) ----------
+
+    async def keep_open(self, pool: str, image: str, action: str) -> bool:
+        """Open ``image`` read-write and keep it open on the current connection; False if
+        it is open there already. It is closed by :meth:`close_kept`, or with its
+        connection when that is shut down (its watch is gone then anyway)."""
+        return await self._on(
+            await self._current(), lambda c: c.keep_open(pool, image), action, pool
+        )
+
+    def keeps_open(self, pool: str, image: str) -> bool:
+        """Whether the current connection keeps ``image`` open (False after a reconnect)."""
+        conn = self._connection
+        return conn is not None and conn.keeps(pool, image)
+
+    async def close_kept(self, pool: str, image: str, action: str) -> None:
+        """Close ``image`` on every connection that keeps it open, old ones included."""
+        for conn in list(self._live):
+            if conn.keeps(pool, image) and conn.hold():  # else its shutdown closes it
+                await self._on_held(conn, lambda c: c.close_kept(pool, image), action, pool)
+
+    # -- the pool ----------------------------------------------------------------------------
+
+    async def _current(self) -> Connection:
         await self.connect()
+        conn = self._connection
+        if conn is None:  # dropped while connecting (the fencing step failed)
+            raise CephUnavailable("the Ceph connection was dropped while connecting; retry")
+        return conn
+
+    async def _on(
+        self, conn: Connection, fn: Callable[[Connection], T], action: str, pool: str | None = None
+    ) -> T:
+        if not conn.hold():
+            raise CephUnavailable("the Ceph connection was closed; retry")
+        return await self._on_held(conn, fn, action, pool)
+
+    async def _on_held(
+        self, conn: Connection, fn: Callable[[Connection], T], action: str, pool: str | None
+    ) -> T:
+        """Run ``fn(conn)`` in the pool under the use the caller took; the use is given
+        back when ``fn`` returns, even long after our deadline, or when it never starts."""
 
         def call() -> T:
-            if self._cluster is None:
-                raise CephUnavailable("the Ceph connection was closed")
-            return fn(self._cluster)
+            try:
+                return fn(conn)
+            finally:
+                conn.release()
 
         try:
-            return await self._in_thread(call, action)
+            future = self._submit(call)
         except CephUnavailable:
-            self._disconnect_after_failure()
+            conn.release()
+            raise
+        future.add_done_callback(lambda f: _release_if_cancelled(f, conn))
+        try:
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(future), self.deadline)
+            except TimeoutError as exc:
+                raise CephUnavailable(
+                    f"Ceph did not answer within {self.deadline:.0f} s while {action}; "
+                    "check that the cluster's monitors and OSDs are up and reachable"
+                ) from exc
+            except (rados.Error, rbd.Error) as exc:
+                raise translate(exc, action, pool, self.who) from exc
+        except CephUnavailable:
+            self._retire(conn)
             raise
 
-    def _ioctx(self, pool: str) -> rados.Ioctx:
-        ioctx = self._ioctxs.get(pool)
-        if ioctx is None:
-            if self._cluster is None:
-                raise CephUnavailable("the Ceph connection was closed")
-            ioctx = self._cluster.open_ioctx(pool)
-            ioctx.set_namespace(self.tenant.namespace)
-            self._ioctxs[pool] = ioctx
-        return ioctx
-
-    async def _in_thread(self, fn: Callable[[], T], action: str, pool: str | None = None) -> T:
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, fn)
+    def _submit(self, fn: Callable[[], T]) -> Future[T]:
         try:
-            return await asyncio.wait_for(future, self.deadline)
-        except TimeoutError as exc:
-            raise CephUnavailable(
-                f"Ceph did not answer within {self.deadline:.0f} s while {action}; "
-                "check that the cluster's monitors and OSDs are up and reachable"
-            ) from exc
-        except (rados.Error, rbd.Error) as exc:
-            raise translate(exc, action, pool, self.who) from exc
+            return self._executor.submit(fn)
+        except RuntimeError as exc:  # the pool is shut down: we are closing
+            raise CephUnavailable(f"the Ceph client of {self.tenant.name} is closed") from exc
 
-    def _disconnect_after_failure(self) -> None:
-        # A blocklisted or timed-out handle stays broken: drop it and reconnect next time.
-        cluster, ioctxs = self._cluster, list(self._ioctxs.values())
-        self._cluster, self._ioctxs = None, {}
-        if cluster is not None:
+    def _retire(self, conn: Connection) -> None:
+        # A blocklisted or timed-out handle stays broken: new calls get a new one.
+        if self._connection is conn:
+            self._connection = None
             log.warning("tenant %s: dropping the Ceph connection; reconnecting on next use",
                         self.tenant.name)  # fmt: skip
-            self._executor.submit(self._shutdown, cluster, ioctxs)
-
-    def _shutdown(self, cluster: rados.Rados, ioctxs: list[rados.Ioctx]) -> None:
-        for hook in self.before_shutdown:
-            try:
-                hook()
-            except Exception:
-                log.exception("tenant %s: clean-up before disconnecting failed", self.tenant.name)
-        for ioctx in ioctxs:
-            ioctx.close()
-        cluster.shutdown()
+        conn.retire()
 
     async def close(self) -> None:
-        cluster, self._cluster = self._cluster, None
-        ioctxs, self._ioctxs = self._ioctxs, {}
-
-        loop = asyncio.get_running_loop()
-        if cluster is None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            return
-        job = loop.run_in_executor(self._executor, self._shutdown, cluster, list(ioctxs.values()))
-        try:
-            await asyncio.wait_for(job, self.deadline)
-        except TimeoutError:
-            log.warning("tenant %s: Ceph connection did not close in time", self.tenant.name)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._connection = None
+        live, self._live = list(self._live), set()
+        for conn in live:
+            conn.retire()
+        if not live:
+            return
+        _, pending = await asyncio.wait(
+            [asyncio.wrap_future(c.closed) for c in live], timeout=self.deadline
+        )
+        if pending:
+            log.warning(
+                "tenant %s: Ceph connection still in use by a stuck call; it is shut down "
+                "when that call ends", self.tenant.name,
+            )  # fmt: skip
+
+
+def _release_if_cancelled(future: Future[Any], conn: Connection) -> None:
+    if future.cancelled():  # it never ran, so never gave its use back
+        conn.release()
+
+
+def _shut_down_late(future: Future[rados.Rados]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        threading.Thread(target=future.result().shutdown, name="ceph-late-shutdown").start()
 
 
 def translate(exc: Exception, action: str, pool: str | None, who: str) -> RbdPluginError:

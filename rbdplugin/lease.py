@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -173,9 +172,6 @@ class Leases:
         self.me = me
         self.takeover = takeover
         self.fence_seconds = fence_seconds
-        self._presence: dict[tuple[str, str], rbd.Image] = {}
-        self._presence_lock = threading.Lock()
-        client.before_shutdown.append(self._close_all_presence)
 
     # -- the lease object ----------------------------------------------------------------
 
@@ -398,7 +394,7 @@ class Leases:
         if claim is None:
             await self._close_presence(pool, image)
             return None
-        if (pool, image) not in self._presence:  # the connection was reset: watch again
+        if not self.client.keeps_open(pool, image):  # the connection was reset: watch again
             await self._open_presence(pool, image)
             own, _ = await self.client.address()
 
@@ -439,34 +435,14 @@ class Leases:
 
     # -- presence handles ------------------------------------------------------------------
 
+    # A presence handle belongs to the connection it was opened on, which closes it
+    # before it shuts down: the client keeps it (see CephClient.keep_open).
+
     async def _open_presence(self, pool: str, image: str) -> bool:
         """Open the presence handle of ``image``; False if it was open already."""
-
-        def open_(ioctx: rados.Ioctx) -> bool:
-            with self._presence_lock:
-                if (pool, image) in self._presence:
-                    return False
-                self._presence[(pool, image)] = rbd.Image(ioctx, image)
-                return True
-
-        return await self.client.run(pool, f"opening {image!r}", open_)
+        return await self.client.keep_open(pool, image, f"opening {image!r}")
 
     async def _close_presence(self, pool: str, image: str) -> None:
-        def close() -> None:
-            with self._presence_lock:
-                handle = self._presence.pop((pool, image), None)
-            if handle is not None:
-                handle.close()
-
-        # If the connection is gone, so is the watch, and the shutdown hook closed the handle.
+        # If the connection is gone, so is the watch, and its shutdown closes the handle.
         with contextlib.suppress(CephUnavailable):
-            await self.client.run(pool, f"closing {image!r}", lambda _: close())
-
-    def _close_all_presence(self) -> None:
-        with self._presence_lock:
-            handles, self._presence = list(self._presence.values()), {}
-        for handle in handles:
-            try:
-                handle.close()
-            except rbd.Error as exc:
-                log.debug("closing a presence handle: %s", exc)
+            await self.client.close_kept(pool, image, f"closing {image!r}")
