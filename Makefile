@@ -19,6 +19,8 @@ APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-
 .PHONY: setup run test lint unit bench clean guest
 setup: $(STAMP)
 	@scripts/ensure-apt $(APT_PACKAGES)
+	@# Keystone and Cinder for Cinder mode's devcloud, in a cached venv of their own.
+	@nice -n 10 $(PY) -m rbdplugin.devcloud venv >/dev/null
 
 $(STAMP): pyproject.toml
 	@scripts/ensure-apt $(APT_PACKAGES)

@@ -1,4 +1,4 @@
-"""The ``rbdplugin`` command: serve, devcluster, check-config."""
+"""The ``rbdplugin`` command: serve, devcluster, devcloud, check-config, status, locks."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import aiohttp
 from rbdplugin import __version__, locks
 from rbdplugin.config import Config, load_config
 from rbdplugin.daemon import serve
+from rbdplugin.devcloud.cli import register as register_devcloud
 from rbdplugin.devcluster import DevCluster
 from rbdplugin.errors import ConfigError, RbdPluginError
 from rbdplugin.lease import CorruptLease
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     status = dc.add_parser("status", help="what runs")
     status.add_argument("--dir", type=Path, required=True)
     status.set_defaults(func=_dev_status)
+    register_devcloud(commands)
     return parser
 
 

@@ -1,0 +1,80 @@
+"""The ``devcloud`` command (``python -m rbdplugin.devcloud`` or ``rbdplugin devcloud``).
+
+Only argparse at import time: the daemon's command line can register this without
+loading the devcloud (or aiohttp's client, or the Ceph bindings) on its serve path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def register(commands: Any) -> None:
+    """Add ``devcloud start|stop|status`` to an argparse subparsers object."""
+    d = commands.add_parser(
+        "devcloud", help="Ceph, Keystone, Cinder and a Nova stand-in on loopback (Cinder mode)"
+    )
+    dc = d.add_subparsers(required=True, metavar="ACTION")
+    start = dc.add_parser("start", help="start (or start again) the devcloud in DIR")
+    start.add_argument("--dir", type=Path, required=True)
+    start.add_argument(
+        "--token-lifetime",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="Keystone token lifetime (short ones test re-authentication)",
+    )
+    start.set_defaults(func=_start)
+    stop = dc.add_parser("stop", help="stop its processes and remove the pretend server's disks")
+    stop.add_argument("--dir", type=Path, required=True)
+    stop.add_argument("--purge", action="store_true", help="also delete DIR")
+    stop.set_defaults(func=_stop)
+    build = dc.add_parser("venv", help="build the OpenStack venv if missing; print its path")
+    build.set_defaults(func=_venv)
+    status = dc.add_parser("status", help="what runs, where, and the last start's timings")
+    status.add_argument("--dir", type=Path, required=True)
+    status.set_defaults(func=_status)
+
+
+def _start(args: argparse.Namespace) -> int:
+    from rbdplugin.devcloud.cloud import DevCloud  # noqa: PLC0415 - off the daemon's path
+
+    cloud = DevCloud(args.dir)
+    state = cloud.start(token_lifetime=args.token_lifetime)
+    print(
+        f"devcloud running in {state.timings.get('total', 0):.1f} s: "
+        f"keystone {cloud.url('keystone')}, cinder {cloud.url('cinder')}, "
+        f"nova {cloud.url('nova')}"
+    )
+    print(f"clouds.yaml {cloud.clouds_yaml}, daemon config {cloud.daemon_config}")
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from rbdplugin.devcloud.cloud import DevCloud  # noqa: PLC0415
+
+    cloud = DevCloud(args.dir)
+    stopped = cloud.stop()
+    print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+    if args.purge:
+        shutil.rmtree(cloud.root, ignore_errors=True)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rbdplugin.devcloud.cloud import DevCloud  # noqa: PLC0415
+
+    status = DevCloud(args.dir).status()
+    print(json.dumps(status, indent=2))
+    return 0 if status["exists"] and not status["stopped"] else 3
+
+
+def _venv(args: argparse.Namespace) -> int:
+    from rbdplugin.devcloud.venv import ensure_venv  # noqa: PLC0415
+
+    print(ensure_venv())
+    return 0
