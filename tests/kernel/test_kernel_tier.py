@@ -60,6 +60,7 @@ def guest_run() -> Path:
     return out
 
 
+@pytest.mark.timeout(GUEST_DEADLINE + 120)  # the first one waits for the whole guest run
 @pytest.mark.parametrize("suite", list(SUITES))
 def test_suite_passes_in_the_guest(guest_run: Path, suite: str) -> None:
     report = guest_run / f"{suite}.xml"
