@@ -197,7 +197,7 @@ class DevCluster:
             raise RbdPluginError(
                 f"{self.root} is not empty and holds no dev cluster: use an empty or new directory"
             )
-        v1, v2 = _free_ports(2)
+        v1, v2 = free_ports(2)
         fsid = str(uuid.uuid4())
         for sub in ("run", "log"):
             (self.root / sub).mkdir()
@@ -382,7 +382,8 @@ def _write_secret(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
+    """``count`` TCP ports on 127.0.0.1 that were free a moment ago."""
     socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
         for sock in socks:

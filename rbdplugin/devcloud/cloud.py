@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 import sys
 import time
 import urllib.error
@@ -43,7 +42,7 @@ from typing import Any
 
 from rbdplugin.devcloud import venv
 from rbdplugin.devcloud.disks import BY_ID, Disk, HostDiskMaker, HostPlaces
-from rbdplugin.devcluster import DevCluster
+from rbdplugin.devcluster import DevCluster, free_ports
 from rbdplugin.errors import RbdPluginError, VolumeBusy
 from rbdplugin.process import Command, pid_alive, pid_cmdline, run_sync, spawn, stop_pid
 
@@ -240,7 +239,7 @@ class DevCloud:
         self.path("secrets").mkdir(mode=0o700)
         for name in ("admin", "member", "cinder", "nova"):
             _write_secret(self._password_file(name), secrets.token_urlsafe(24) + "\n")
-        ports = dict(zip(SERVICES, _free_ports(len(SERVICES)), strict=True))
+        ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
         servers = (
             PretendServer(str(uuid.uuid4()), TENANT, "host"),
             PretendServer(str(uuid.uuid4()), "other-vm", "elsewhere"),
@@ -581,17 +580,6 @@ def _clouds(name: str, auth_type: str, auth: Mapping[str, str]) -> str:
         '    identity_api_version: "3"',
     ]
     return "\n".join(lines) + "\n"
-
-
-def _free_ports(count: int) -> list[int]:
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def _clean_env() -> dict[str, str]:
