@@ -12,13 +12,10 @@ the terminal summary then says what was not run.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,8 +24,7 @@ from pathlib import Path
 import pytest
 
 from rbdplugin.devcluster import DevCluster
-from tests import oracle
-from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, write_config
+from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, take_down_under, write_config
 
 # alpha: trash policy (default); beta: delete; gamma: keep; delta: quotas.
 TENANTS = ("alpha", "beta", "gamma", "delta")
@@ -145,23 +141,8 @@ def short_tmp() -> Iterator[Path]:
     # Unix socket paths must stay under 108 bytes: keep the root short.
     root = Path(tempfile.mkdtemp(prefix="rbdp-", dir="/tmp"))
     yield root
-    _take_down_under(root)
+    take_down_under(root)
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _take_down_under(root: Path) -> None:
-    """Detach whatever a failed test left mounted or mapped under ``root`` first: a
-    recursive delete must never walk into (and empty) a mounted volume."""
-    inside = f"{root}/"
-    for entry in reversed(oracle.mountinfo()):
-        if entry["target"].startswith(inside):
-            subprocess.run(["umount", "--lazy", entry["target"]], check=False)
-    for pid in oracle.pids_of_program_with("qemu-storage-daemon", inside):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for device, backing in oracle.loop_devices().items():
-        if backing.startswith(inside):
-            subprocess.run(["losetup", "--detach", device], check=False)
 
 
 @pytest.fixture(scope="session")

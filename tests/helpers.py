@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -17,6 +18,8 @@ from typing import Any
 
 import rados
 import rbd
+
+from tests import oracle
 
 ACCEPT = "application/vnd.docker.plugins.v1.2+json"
 # The mapper test daemons use: fuse here; the kernel tier runs the suites with krbd and nbd.
@@ -216,3 +219,18 @@ def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     os.chmod(path, 0o600)
     return path
+
+
+def take_down_under(root: Path) -> None:
+    """Detach whatever is mounted, exported or looped under ``root`` (a failed test's
+    leftovers): a recursive delete must never walk into (and empty) a mounted volume."""
+    inside = f"{root}/"
+    for entry in reversed(oracle.mountinfo()):
+        if entry["target"].startswith(inside):
+            subprocess.run(["umount", "--lazy", entry["target"]], check=False)
+    for pid in oracle.pids_of_program_with("qemu-storage-daemon", inside):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for device, backing in oracle.loop_devices().items():
+        if backing.startswith(inside):
+            subprocess.run(["losetup", "--detach", device], check=False)

@@ -16,7 +16,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from rbdplugin.devcluster import DevCluster
-from tests import oracle
 from tests.conftest import WATCH_TIMEOUT, StartDaemon, tenant_toml
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import Admin, DaemonProcess, PluginClient, take_down_under, unique, wait_until
 
 CLIENT_TIMEOUT = 3  # librados gives up after this: calls fail and the connection is dropped
 PARALLEL = 20
@@ -240,20 +238,6 @@ def ceph_contexts(pid: int) -> int:
     return count
 
 
-def scrub(root: Path) -> None:
-    """Take down any mount, export process or loop device left under ``root``."""
-    inside = f"{root}/"
-    for entry in reversed(oracle.mountinfo()):
-        if entry["target"].startswith(inside):
-            subprocess.run(["umount", "--lazy", entry["target"]], check=False)
-    for pid in oracle.pids_of_program_with("qemu-storage-daemon", inside):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for device, backing in oracle.loop_devices().items():
-        if backing.startswith(inside):
-            subprocess.run(["losetup", "--detach", device], check=False)
-
-
 def test_ceph_cut_under_load_is_survived_and_recovered(
     cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path
 ) -> None:
@@ -289,7 +273,7 @@ def test_ceph_cut_under_load_is_survived_and_recovered(
         assert_alive(daemon)
     finally:
         daemon.stop()
-        scrub(root)
+        take_down_under(root)
 
 
 def test_calls_past_their_deadline_keep_their_connection(
@@ -309,4 +293,4 @@ def test_calls_past_their_deadline_keep_their_connection(
         assert_alive(daemon)
     finally:
         daemon.stop()
-        scrub(root)
+        take_down_under(root)
