@@ -28,12 +28,16 @@ export RBDPLUGIN_RACE_ROUNDS=4
 # Everything runs several times slower under TCG (8 parallel rbd-nbd maps take >25 s).
 export RBDPLUGIN_TEST_OP_TIMEOUT=60
 status=0
-suites=${*:-udev krbd-mount krbd-faults nbd-mount krbd-locks krbd-docker}
+suites=${*:-udev fencing krbd-mount krbd-faults nbd-mount krbd-locks krbd-docker}
 for s in $suites; do
     case $s in
     udev) suite udev krbd tests/kernel/test_udev_inside.py ;;
-    krbd-mount) suite krbd-mount krbd -m "not fuse_only" tests/integration/test_mount.py ;;
-    krbd-faults) suite krbd-faults krbd -m "not fuse_only" tests/integration/test_mount_faults.py ;;
+    fencing) suite fencing krbd tests/kernel/test_fencing_inside.py ;;
+    # Tests whose logic no mapper touches (they run with fuse on the host) are left out here.
+    krbd-mount) suite krbd-mount krbd -m "not fuse_only" tests/integration/test_mount.py -k \
+        "not (implicit_create or remove_of_a_mounted or never_recreates or nosuid)" ;;
+    krbd-faults) suite krbd-faults krbd -m "not fuse_only" tests/integration/test_mount_faults.py \
+        -k "not (unreadable or slow_teardown)" ;;
     # rbd-nbd: the core of the mount suite (the rest is mapper-independent, run with krbd).
     nbd-mount) suite nbd-mount nbd -m "not fuse_only" tests/integration/test_mount.py -k \
         "keeps_data or counts_per_id or parallel_mounts_of_one or restart_keeps or prefixes or never_recreates" ;;

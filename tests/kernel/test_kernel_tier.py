@@ -28,8 +28,9 @@ RUNS_KEPT = 10
 # Suite -> the fewest tests it must have run (a suite that collects nothing proves nothing).
 SUITES = {
     "udev": 2,
-    "krbd-mount": 12,
-    "krbd-faults": 14,
+    "fencing": 2,
+    "krbd-mount": 9,
+    "krbd-faults": 12,
     "nbd-mount": 6,
     "krbd-locks": 4,
     "krbd-docker": 1,
