@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,3 +234,27 @@ def take_down_under(root: Path) -> None:
     for device, backing in oracle.loop_devices().items():
         if backing.startswith(inside):
             subprocess.run(["losetup", "--detach", device], check=False)
+
+
+@contextlib.contextmanager
+def slow_fuse_file(path: Path, seconds: int) -> Iterator[Path]:
+    """A FUSE file at ``path`` whose reads take ``seconds`` in its server
+    (qemu-storage-daemon's null-co driver): a direct reader of it sits in uninterruptible
+    sleep and survives SIGKILL until the server answers, as a reader of a krbd device or
+    FUSE export does while the OSDs are dead."""
+    path.touch()
+    server = subprocess.Popen(
+        ["qemu-storage-daemon", "--blockdev",
+         f"driver=null-co,node-name=n0,size=1048576,latency-ns={seconds * 10**9}",
+         "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={path},writable=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not oracle.is_mounted(path):
+            assert server.poll() is None and time.monotonic() < deadline, "no FUSE export"
+            time.sleep(0.02)
+        yield path
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +25,15 @@ import pytest
 from rbdplugin.devcluster import DevCluster
 from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import (
+    TEST_MAPPER,
+    Admin,
+    DaemonProcess,
+    PluginClient,
+    slow_fuse_file,
+    unique,
+    wait_until,
+)
 from tests.integration.test_mount import leftovers, mount, unmount
 
 TOOLS = ("qemu-storage-daemon", "losetup", "rbd", "blkid", "cmp", "mkfs.ext4", "mount", "umount")
@@ -291,18 +298,8 @@ def test_a_slow_teardown_is_never_abandoned_nor_raced(
 @pytest.fixture
 def slow_fuse(faults: Faults) -> Iterator[None]:
     """``faults.ctl/../slow``: a FUSE file whose reads take 12 s in its server."""
-    export = faults.ctl.parent / "slow"
-    export.touch()
-    server = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         "driver=null-co,node-name=n0,size=1048576,latency-ns=12000000000",
-         "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={export},writable=off"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_until(lambda: oracle.is_mounted(export), 10, "the slow FUSE file")
-    yield
-    server.terminate()
-    server.wait(30)
+    with slow_fuse_file(faults.ctl.parent / "slow", seconds=12):
+        yield
 
 
 @pytest.mark.fuse_only  # its slow file is a qemu-storage-daemon FUSE export

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from rbdplugin.process import (
     stop_pid,
     stuck_children,
 )
+from tests.helpers import slow_fuse_file
 
 KEY = "AQBkM0hnAAAAABAAm3tnDWFRr8ymYfb5kPJ0vA=="
 
@@ -151,31 +151,15 @@ def test_every_program_runs_with_english_messages(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def slow_fuse_file(tmp_path: Path) -> Iterator[Path]:
-    """A FUSE file whose reads take 8 s in its server: a reader of it sits in
-    uninterruptible sleep and survives SIGKILL until the server answers (as a reader of
-    a krbd device or FUSE export does while the OSDs are dead)."""
-    export = tmp_path / "slow"
-    export.touch()
-    server = subprocess.Popen(
-        ["qemu-storage-daemon", "--blockdev",
-         "driver=null-co,node-name=n0,size=1048576,latency-ns=8000000000",
-         "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={export},writable=off"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while f" {export} " not in Path("/proc/self/mountinfo").read_text():
-        assert server.poll() is None and time.monotonic() < deadline, "no FUSE export"
-        time.sleep(0.02)
-    yield export
-    server.terminate()
-    server.wait(30)
+def slow_fuse(tmp_path: Path) -> Iterator[Path]:
+    with slow_fuse_file(tmp_path / "slow", seconds=8) as path:
+        yield path
 
 
 def test_a_child_stuck_in_the_kernel_is_reported_not_awaited(
-    slow_fuse_file: Path, caplog: pytest.LogCaptureFixture
+    slow_fuse: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reader = ["dd", f"if={slow_fuse_file}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"]
+    reader = ["dd", f"if={slow_fuse}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"]
 
     async def scenario() -> tuple[float, int]:
         ticks = 0
