@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from rbdplugin.backends.rbd import RbdBackend
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
-from rbdplugin.errors import ConfigError
+from rbdplugin.errors import ConfigError, NotFound
 from rbdplugin.lease import CorruptLease, Holder, HostIdentity, Leases
 
 
@@ -53,7 +53,10 @@ async def list_locks(config: Config, driver: str | None = None) -> list[VolumeLo
     for tenant in tenants_for(config, driver):
         async with _session(config, tenant) as (backend, leases):
             for name in sorted(await backend.names()):
-                info = await backend.inspect(name)
+                try:
+                    info = await backend.inspect(name)
+                except NotFound:
+                    continue  # removed since the listing (or a half-created image): no lock
                 if info.spec.source:
                     continue  # a companion's claims live on its source's lease
                 try:
