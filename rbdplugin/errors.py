@@ -1,7 +1,7 @@
 """The one error tree of rbdplugin.
 
 Every failure that can reach an operator or Docker is one of these. Lower
-libraries (rados, rbd, subprocess exit codes, kernel messages) are translated
+libraries (rados, rbd, openstacksdk, subprocess exit codes, kernel messages) are translated
 into them at the layer boundary that calls those libraries; the HTTP layer turns
 any of them into ``{"Err": str(error)}``. Messages say what failed, on which
 volume, and what to do.
@@ -13,11 +13,16 @@ volume, and what to do.
     ├── NotFound               the volume does not exist
     ├── Conflict               exists with other options, or another owner holds it
     ├── QuotaExceeded          the tenant's volume count or total size would be exceeded
-    ├── PermissionDenied       our policy or Ceph's caps refuse the operation
+    │                          (or Cinder refused with 413: its message is kept)
+    ├── PermissionDenied       our policy, Ceph's caps or OpenStack (401/403) refuse it
     ├── VolumeBusy             in use (mounted, mapped, watched) where that forbids the operation
     ├── DeadlineExceeded       an operation did not finish within its time budget
     ├── CephError              any other failure talking to Ceph
     │   └── CephUnavailable    the cluster cannot be reached right now
+    ├── OpenStackError         any other failure talking to Keystone, Cinder or Nova
+    │   ├── OpenStackUnavailable  a service cannot be reached right now (refused,
+    │   │                         timed out, 502/503/504); the message names it
+    │   └── VolumeFailed       a Cinder volume ended in an error state (Cinder's reason)
     └── ProcessError           an external command failed (output kept for the log)
 """
 
@@ -73,6 +78,25 @@ class CephError(RbdPluginError):
 
 class CephUnavailable(CephError):
     reason = "ceph_unavailable"
+
+
+class OpenStackError(RbdPluginError):
+    reason = "openstack"
+
+
+class OpenStackUnavailable(OpenStackError):
+    reason = "openstack_unavailable"
+
+
+class VolumeFailed(OpenStackError):
+    """A Cinder volume went to ``status`` (``error``, ...); the message carries Cinder's reason."""
+
+    reason = "volume_failed"
+
+    def __init__(self, message: str, *, volume_id: str, status: str) -> None:
+        super().__init__(message)
+        self.volume_id = volume_id
+        self.status = status
 
 
 class ProcessError(RbdPluginError):

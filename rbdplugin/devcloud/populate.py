@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import openstack  # type: ignore[import-not-found]
+import openstack  # type: ignore[import-not-found,unused-ignore]  # the extra may be absent
 
 DOMAIN = "default"
 
