@@ -4,6 +4,11 @@ Built in one place (:func:`load_config`); a bad file stops start-up with a
 :class:`~rbdplugin.errors.ConfigError` naming the key and the problem. Unknown
 keys are errors too: a typo must not silently fall back to a default.
 
+A tenant's ``backend`` says where its volumes live: ``rbd`` (the default: images in
+the tenant's Ceph pool, mapped on this host) or ``cinder`` (Cinder volumes attached to
+this OpenStack VM through Nova; no Ceph keys on this host). Keys of the other back-end
+are refused, naming the back-end they belong to.
+
 Environment overrides use one prefix, ``RBDPLUGIN_<SECTION>_<KEY>``, for the
 ``[daemon]`` and ``[ceph]`` sections (``RBDPLUGIN_DAEMON_HOST_ID=node7``).
 """
@@ -24,12 +29,17 @@ from rbdplugin.spec import FSTYPES, parse_features
 from rbdplugin.units import GiB, parse_duration, parse_size
 
 MapperName = Literal["auto", "krbd", "nbd", "fuse"]
+BackendName = Literal["rbd", "cinder"]
+BACKENDS: tuple[BackendName, ...] = ("rbd", "cinder")
 RemovePolicy = Literal["delete", "trash", "keep"]
 Takeover = Literal["auto", "manual"]
 TAKEOVERS: tuple[Takeover, ...] = ("auto", "manual")
 
 MAPPERS: tuple[MapperName, ...] = ("auto", "krbd", "nbd", "fuse")
 REMOVE_POLICIES: tuple[RemovePolicy, ...] = ("delete", "trash", "keep")
+# Cinder has no trash: a removed volume is deleted or kept (out of Docker's sight).
+CINDER_REMOVE_POLICIES: tuple[RemovePolicy, ...] = ("delete", "keep")
+DEFAULT_METADATA_URL = "http://169.254.169.254/openstack/latest/meta_data.json"
 DEFAULT_FEATURES = ("layering", "exclusive-lock", "object-map", "fast-diff", "deep-flatten")
 DEFAULT_METRICS = "127.0.0.1:9747"
 ENV_PREFIX = "RBDPLUGIN_"
@@ -64,6 +74,25 @@ class CephConfig:
 
 
 @dataclass(frozen=True)
+class CinderConfig:
+    """Where a Cinder-mode tenant's volumes come from, and who this VM is."""
+
+    cloud: str
+    # None: openstacksdk's usual search path (./clouds.yaml, ~/.config/openstack, /etc/openstack).
+    clouds_yaml: Path | None = None
+    # "" means: find it (config drive, then metadata_url, then the DMI product UUID).
+    server_id: str = ""
+    metadata_url: str = DEFAULT_METADATA_URL
+    volume_type: str = ""
+    availability_zone: str = ""
+    # From the Nova attach call until the disk is here; until it is gone and available.
+    attach_timeout: int = 60
+    detach_timeout: int = 60
+    # Each single HTTP call to Keystone, Cinder or Nova.
+    api_timeout: int = 20
+
+
+@dataclass(frozen=True)
 class TenantConfig:
     name: str
     driver: str
@@ -84,6 +113,8 @@ class TenantConfig:
     # Volume mounts get nosuid,nodev; False is an explicit opt-out for tenants whose
     # volumes need setuid binaries or device nodes.
     nosuid_nodev: bool = True
+    backend: BackendName = "rbd"
+    cinder: CinderConfig | None = None  # set exactly when backend == "cinder"
 
     @property
     def pools(self) -> tuple[str, ...]:
@@ -180,7 +211,22 @@ _TENANT_TYPES: dict[str, type | tuple[type, ...]] = {
     "auto_create": bool,
     "takeover": str,
     "nosuid_nodev": bool,
+    "backend": str,
+    "cloud": str,
+    "clouds_yaml": str,
+    "server_id": str,
+    "metadata_url": str,
+    "volume_type": str,
+    "availability_zone": str,
+    "attach_timeout": (str, int),
+    "detach_timeout": (str, int),
+    "api_timeout": (str, int),
 }
+# Keys only one back-end understands (the rest are common to both).
+_RBD_ONLY = ("pool", "namespace", "user", "keyring", "features", "allowed_pools",
+             "trash_delay", "takeover")  # fmt: skip
+_CINDER_ONLY = ("cloud", "clouds_yaml", "server_id", "metadata_url", "volume_type",
+                "availability_zone", "attach_timeout", "detach_timeout", "api_timeout")  # fmt: skip
 
 
 def _table(data: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
@@ -296,33 +342,101 @@ def _tenant(name: str, table: Mapping[str, Any]) -> TenantConfig:
     if not _DRIVER_RE.match(name):
         raise ConfigError(f"[{where}]: tenant names must match {_DRIVER_RE.pattern}")
     t = _typed(table, _TENANT_TYPES, where)
-    user = _ceph_name(t.get("user", name), f"{where}.user")
-    pool = _ceph_name(t.get("pool", name), f"{where}.pool")
+    backend = t.get("backend", "rbd")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{where}.backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    other = _CINDER_ONLY if backend == "rbd" else _RBD_ONLY
+    for key in other:
+        if key in t:
+            owner = "cinder" if backend == "rbd" else "rbd"
+            raise ConfigError(
+                f"{where}.{key} is a {owner}-backend key, but this tenant's backend is "
+                f"{backend!r} (backend = {owner!r} would use it)"
+            )
     try:
-        return TenantConfig(
-            name=name,
-            driver=_driver(t.get("driver", name), where),
-            pool=pool,
-            namespace=_namespace(t.get("namespace", ""), where),
-            user=user,
-            keyring=_abs_path(t, "keyring", Path(f"/etc/ceph/ceph.client.{user}.keyring"), where),
-            default_size=parse_size(t.get("default_size", "20G"), f"{where}.default_size"),
-            default_fstype=_fstype(t.get("default_fstype", "ext4"), where),
-            features=parse_features(_str_list(t, "features", DEFAULT_FEATURES, where)),
-            allowed_pools=tuple(
-                _ceph_name(p, f"{where}.allowed_pools")
-                for p in _str_list(t, "allowed_pools", (), where)
-            ),
-            max_volumes=_non_negative(t.get("max_volumes", 0), f"{where}.max_volumes"),
-            max_total_size=_optional_size(t.get("max_total_size", ""), f"{where}.max_total_size"),
-            remove_policy=_remove_policy(t.get("remove_policy", "trash"), where),
-            trash_delay=parse_duration(t.get("trash_delay", 0), f"{where}.trash_delay"),
-            auto_create=t.get("auto_create", True),
-            takeover=_takeover(t.get("takeover", "auto"), where),
-            nosuid_nodev=t.get("nosuid_nodev", True),
-        )
+        common = _common(name, t, where, backend)
+        if backend == "cinder":
+            return TenantConfig(**common, pool="", namespace="", user="", keyring=Path("/"),
+                                backend="cinder", cinder=_cinder(t, where))  # fmt: skip
+        return _rbd_tenant(name, t, where, common)
     except InvalidArgument as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def _common(name: str, t: Mapping[str, Any], where: str, backend: str) -> dict[str, Any]:
+    """The keys every back-end understands."""
+    policies = CINDER_REMOVE_POLICIES if backend == "cinder" else REMOVE_POLICIES
+    default_policy = "delete" if backend == "cinder" else "trash"
+    return {
+        "name": name,
+        "driver": _driver(t.get("driver", name), where),
+        "default_size": parse_size(t.get("default_size", "20G"), f"{where}.default_size"),
+        "default_fstype": _fstype(t.get("default_fstype", "ext4"), where),
+        "max_volumes": _non_negative(t.get("max_volumes", 0), f"{where}.max_volumes"),
+        "max_total_size": _optional_size(t.get("max_total_size", ""), f"{where}.max_total_size"),
+        "remove_policy": _remove_policy(t.get("remove_policy", default_policy), where, policies),
+        "auto_create": t.get("auto_create", True),
+        "nosuid_nodev": t.get("nosuid_nodev", True),
+    }
+
+
+def _rbd_tenant(
+    name: str, t: Mapping[str, Any], where: str, common: dict[str, Any]
+) -> TenantConfig:
+    user = _ceph_name(t.get("user", name), f"{where}.user")
+    return TenantConfig(
+        **common,
+        pool=_ceph_name(t.get("pool", name), f"{where}.pool"),
+        namespace=_namespace(t.get("namespace", ""), where),
+        user=user,
+        keyring=_abs_path(t, "keyring", Path(f"/etc/ceph/ceph.client.{user}.keyring"), where),
+        features=parse_features(_str_list(t, "features", DEFAULT_FEATURES, where)),
+        allowed_pools=tuple(
+            _ceph_name(p, f"{where}.allowed_pools")
+            for p in _str_list(t, "allowed_pools", (), where)
+        ),
+        trash_delay=parse_duration(t.get("trash_delay", 0), f"{where}.trash_delay"),
+        takeover=_takeover(t.get("takeover", "auto"), where),
+    )
+
+
+def _cinder(t: Mapping[str, Any], where: str) -> CinderConfig:
+    if not t.get("cloud"):
+        raise ConfigError(
+            f'{where}.cloud is required with backend = "cinder": the name of a cloud in '
+            "clouds.yaml (the application credential the plugin authenticates with)"
+        )
+    clouds_yaml = _abs_path(t, "clouds_yaml", Path("/"), where) if "clouds_yaml" in t else None
+    server_id = t.get("server_id", "")
+    if server_id and not _SERVER_ID_RE.match(server_id):
+        raise ConfigError(f"{where}.server_id {server_id!r} is not a Nova server id (a UUID)")
+    url = t.get("metadata_url", DEFAULT_METADATA_URL)
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.metadata_url {url!r} must be an http:// or https:// URL")
+    return CinderConfig(
+        cloud=t["cloud"],
+        clouds_yaml=clouds_yaml,
+        server_id=server_id.lower(),
+        metadata_url=url,
+        volume_type=t.get("volume_type", ""),
+        availability_zone=t.get("availability_zone", ""),
+        attach_timeout=_seconds(t, "attach_timeout", 60, where),
+        detach_timeout=_seconds(t, "detach_timeout", 60, where),
+        api_timeout=_seconds(t, "api_timeout", 20, where),
+    )
+
+
+_SERVER_ID_RE = re.compile(r"^[0-9a-fA-F]{8}-?([0-9a-fA-F]{4}-?){3}[0-9a-fA-F]{12}$")
+
+
+def _seconds(t: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    """A Cinder-mode wait: it must end before Docker gives up on the request (120 s)."""
+    value = parse_duration(t.get(key, default), f"{where}.{key}")
+    if not 1 <= value <= 110:
+        raise ConfigError(
+            f"{where}.{key} {value} s must be 1-110 seconds (Docker gives up at 120 s)"
+        )
+    return value
 
 
 def _driver(driver: str, where: str) -> str:
@@ -358,11 +472,11 @@ def _fstype(fstype: str, where: str) -> str:
     return fstype
 
 
-def _remove_policy(policy: str, where: str) -> RemovePolicy:
-    if policy not in REMOVE_POLICIES:
-        raise ConfigError(
-            f"{where}.remove_policy {policy!r} is not one of {', '.join(REMOVE_POLICIES)}"
-        )
+def _remove_policy(
+    policy: str, where: str, policies: tuple[RemovePolicy, ...] = REMOVE_POLICIES
+) -> RemovePolicy:
+    if policy not in policies:
+        raise ConfigError(f"{where}.remove_policy {policy!r} is not one of {', '.join(policies)}")
     return policy
 
 
@@ -402,7 +516,10 @@ def _check_disjoint(tenants: tuple[TenantConfig, ...]) -> None:
     """
     for index, first in enumerate(tenants):
         for second in tenants[index + 1 :]:
-            if first.namespace != second.namespace:
+            if first.cinder and second.cinder:
+                _check_clouds_apart(first, second)
+                continue
+            if first.cinder or second.cinder or first.namespace != second.namespace:
                 continue
             shared = [pool for pool in first.pools if pool in second.pools]
             if shared:
@@ -413,3 +530,16 @@ def _check_disjoint(tenants: tuple[TenantConfig, ...]) -> None:
                     "list, mount and remove each other's volumes. Tenants must not share "
                     "a pool and namespace: give each its own pools, or its own namespace"
                 )
+
+
+def _check_clouds_apart(first: TenantConfig, second: TenantConfig) -> None:
+    """Two Cinder tenants on one cloud entry would be one OpenStack project: each could
+    attach and delete the other's volumes. Isolation comes from separate projects."""
+    a, b = first.cinder, second.cinder
+    assert a is not None and b is not None  # noqa: S101 - the caller checked
+    if (a.cloud, a.clouds_yaml) == (b.cloud, b.clouds_yaml):
+        raise ConfigError(
+            f"tenants.{first.name} and tenants.{second.name} both use cloud {a.cloud!r}: "
+            "they would share one OpenStack project and could attach and delete each other's "
+            "volumes. Give each tenant a cloud entry (application credential) of its own project"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,58 @@ def test_tenants_in_their_own_namespaces_may_share_every_pool(tmp_path: Path) ->
     )
     config = load_config(write(tmp_path, text), environ={})
     assert [t.pools for t in config.tenants] == [("p", "s"), ("s", "p"), ("p", "s")]
+
+
+# -- Cinder mode -------------------------------------------------------------------------
+
+SERVER = "0b2e6a4c-7d1f-4e55-9a43-1c2d3e4f5a6b"
+
+
+def test_a_cinder_tenant_gets_its_defaults(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            f'[tenants.vm]\nbackend = "cinder"\ncloud = "tenant-a"\nserver_id = "{SERVER}"\n',
+        ),
+        environ={},
+    )
+    tenant = config.tenant("vm")
+    assert tenant.backend == "cinder" and tenant.cinder is not None
+    assert (tenant.cinder.cloud, tenant.cinder.clouds_yaml, tenant.cinder.server_id) == (
+        "tenant-a", None, SERVER,
+    )  # fmt: skip
+    assert tenant.cinder.metadata_url == "http://169.254.169.254/openstack/latest/meta_data.json"
+    assert (tenant.cinder.attach_timeout, tenant.cinder.detach_timeout) == (60, 60)
+    assert tenant.remove_policy == "delete"  # Cinder has no trash
+    assert load_config(write(tmp_path, "[tenants.rbd]\n"), environ={}).tenant("rbd").cinder is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('backend = "swift"', "tenants.vm.backend 'swift' is not one of rbd, cinder"),
+        ('backend = "cinder"', "tenants.vm.cloud is required with backend = \"cinder\""),
+        ('backend = "cinder"\ncloud = "a"\npool = "vm"',
+         "tenants.vm.pool is a rbd-backend key, but this tenant's backend is 'cinder'"),
+        ('cloud = "a"', "tenants.vm.cloud is a cinder-backend key, but this tenant's backend is 'rbd'"),
+        ('backend = "cinder"\ncloud = "a"\nremove_policy = "trash"',
+         "tenants.vm.remove_policy 'trash' is not one of delete, keep"),
+        ('backend = "cinder"\ncloud = "a"\nserver_id = "vm-1"', "'vm-1' is not a Nova server id"),
+        ('backend = "cinder"\ncloud = "a"\nattach_timeout = "5m"', "must be 1-110 seconds"),
+        ('backend = "cinder"\ncloud = "a"\nclouds_yaml = "clouds.yaml"', "must be an absolute path"),
+        ('backend = "cinder"\ncloud = "a"\nmetadata_url = "169.254.169.254"', "must be an http"),
+    ],
+)  # fmt: skip
+def test_bad_cinder_tenants_are_refused_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, f"[tenants.vm]\n{text}\n"), environ={})
+
+
+def test_two_cinder_tenants_may_not_share_a_cloud(tmp_path: Path) -> None:
+    text = '[tenants.a]\nbackend = "cinder"\ncloud = "same"\n[tenants.b]\nbackend = "cinder"\ncloud = "same"\n'
+    with pytest.raises(ConfigError, match="both use cloud 'same'"):
+        load_config(write(tmp_path, text), environ={})
+    text = text.replace('cloud = "same"\n[tenants.b]', 'cloud = "other"\n[tenants.b]')
+    assert len(load_config(write(tmp_path, text), environ={}).tenants) == 2
