@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from rbdplugin.errors import InvalidArgument
@@ -55,6 +55,15 @@ OPTIONS: dict[str, str] = {
     "source": "an existing volume this one is a read-only companion of",
     "access": "rw, or ro with source=",
 }
+# Options of a Cinder-mode tenant's Create: no pools, features or companions there.
+CINDER_OPTIONS: dict[str, str] = {
+    "size": "size with a binary unit, e.g. 20G (Cinder rounds up to whole GiB)",
+    "fstype": "|".join(FSTYPES),
+    "mkfs-options": OPTIONS["mkfs-options"],
+    "mount-options": OPTIONS["mount-options"],
+    "volume-type": "a Cinder volume type (default: Cinder's default type)",
+    "availability-zone": "a Cinder availability zone (default: Cinder's default zone)",
+}
 ACCESS = ("rw", "ro")
 
 # Mount options a volume may ask for. Anything that weakens the host (suid, dev),
@@ -85,6 +94,9 @@ class VolumeSpec:
     # A read-only companion: mounts volume ``source`` read-only, on any number of hosts.
     source: str = ""
     access: str = "rw"
+    # Cinder mode only: "" means Cinder's default.
+    volume_type: str = ""
+    availability_zone: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,10 @@ class Defaults:
     pool: str
     pools: tuple[str, ...]
     features: tuple[str, ...]
+    # The options this tenant's back-end understands (RBD's by default).
+    options: Mapping[str, str] = field(default_factory=lambda: OPTIONS)
+    volume_type: str = ""
+    availability_zone: str = ""
 
 
 def shown(name: str) -> str:
@@ -132,7 +148,7 @@ def validate_name(name: object) -> str:
 def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
     """Validate a Create's name and ``Opts`` (``None`` when Docker sent none)."""
     name = validate_name(name)
-    options = _options(name, opts)
+    options = _options(name, opts, defaults.options)
     fstype = _fstype(name, options.get("fstype", defaults.fstype))
     size = _size(name, options["size"], fstype) if "size" in options else defaults.size
     if size < MIN_SIZE[fstype]:
@@ -140,28 +156,33 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
             f"volume {shown(name)}: size {format_size(size)} is too small for {fstype}; "
             f"use at least {format_size(MIN_SIZE[fstype])}"
         )
+    cinder = defaults.options is CINDER_OPTIONS
     spec = VolumeSpec(
         size=size,
         fstype=fstype,
-        pool=_pool(name, options.get("pool", defaults.pool), defaults.pools),
-        features=_features(name, options, defaults.features),
+        pool="" if cinder else _pool(name, options.get("pool", defaults.pool), defaults.pools),
+        features=() if cinder else _features(name, options, defaults.features),
         mkfs_options=parse_mkfs_options(name, options.get("mkfs-options", ""), fstype),
         mount_options=parse_mount_options(name, options.get("mount-options", "")),
         **_companion(name, options),
+        volume_type=_label(name, "volume-type", options.get("volume-type", defaults.volume_type)),
+        availability_zone=_label(
+            name, "availability-zone", options.get("availability-zone", defaults.availability_zone)
+        ),
     )
     return CreateRequest(name=name, spec=spec, explicit=frozenset(options))
 
 
-def _options(name: str, opts: object) -> dict[str, str]:
+def _options(name: str, opts: object, known: Mapping[str, str]) -> dict[str, str]:
     if opts is None:
         return {}
     if not isinstance(opts, Mapping):
         raise InvalidArgument(f"volume {shown(name)}: Opts must be an object of string values")
-    valid = ", ".join(f"{key} ({what})" for key, what in OPTIONS.items())
+    valid = ", ".join(f"{key} ({what})" for key, what in known.items())
     options: dict[str, str] = {}
     for raw_key, value in opts.items():
         key = str(raw_key).lower().replace("_", "-")
-        if key not in OPTIONS:
+        if key not in known:
             raise InvalidArgument(
                 f"volume {shown(name)}: unknown option {shown(str(raw_key))}; "
                 f"valid options: {valid}"
@@ -191,6 +212,19 @@ def _companion(name: str, options: Mapping[str, str]) -> dict[str, str]:
         if source == name:
             raise InvalidArgument(f"volume {shown(name)} cannot be its own source")
     return {"source": source, "access": access}
+
+
+# Cinder volume types and zones are names an admin made: letters, digits and a few signs.
+_CINDER_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@ -]{0,254}$")
+
+
+def _label(name: str, option: str, value: str) -> str:
+    if value and not _CINDER_LABEL_RE.match(value):
+        raise InvalidArgument(
+            f"volume {shown(name)}: {option} {shown(value)} is invalid: letters, digits, "
+            "spaces and '_.:@-', at most 255 characters"
+        )
+    return value
 
 
 def _fstype(name: str, fstype: str) -> str:

@@ -6,6 +6,7 @@ import pytest
 
 from rbdplugin.errors import InvalidArgument
 from rbdplugin.spec import (
+    CINDER_OPTIONS,
     CreateRequest,
     Defaults,
     VolumeSpec,
@@ -338,3 +339,30 @@ def test_recreate_of_an_existing_volume_with_its_mkfs_options() -> None:
 def test_mount_options_cannot_weaken_the_host(option: str) -> None:
     with pytest.raises(InvalidArgument, match=r"mount option '.*' is not allowed; valid: acl"):
         parse_create("vol", {"mount-options": option}, DEFAULTS)
+
+
+# -- Cinder mode -------------------------------------------------------------------------
+
+CINDER = Defaults(size=GiB, fstype="ext4", pool="", pools=(), features=(),
+                  options=CINDER_OPTIONS, volume_type="fast")  # fmt: skip
+
+
+def test_a_cinder_create_takes_volume_type_and_zone_and_no_rbd_options() -> None:
+    request = parse_create(
+        "web", {"size": "3G", "volume-type": "gold", "availability_zone": "az-2"}, CINDER
+    )
+    spec = request.spec
+    assert (spec.size, spec.volume_type, spec.availability_zone) == (3 * GiB, "gold", "az-2")
+    assert (spec.pool, spec.features) == ("", ())
+    assert parse_create("web", None, CINDER).spec.volume_type == "fast"  # the tenant's default
+    for rbd_only in ("pool", "features", "source"):
+        with pytest.raises(InvalidArgument, match=f"unknown option '{rbd_only}'.*volume-type"):
+            parse_create("web", {rbd_only: "x"}, CINDER)
+    with pytest.raises(InvalidArgument, match="unknown option 'volume-type'"):
+        parse_create("web", {"volume-type": "gold"}, DEFAULTS)  # RBD knows no volume types
+
+
+@pytest.mark.parametrize("bad", ["gold;rm -rf", "-x", "a" * 256, "type\nx"])
+def test_bad_cinder_labels_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"volume-type .* is invalid"):
+        parse_create("web", {"volume-type": bad}, CINDER)
