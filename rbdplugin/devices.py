@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,14 @@ UDEV_DATA = Path("/run/udev/data")
 class Watch(Protocol):
     async def wait_for(self, path: str, what: str, seconds: float) -> None:
         """Return once ``path`` (a device node or link) is there; DeadlineExceeded if not."""
+        ...
+
+    async def wait_for_any(self, paths: Sequence[str], what: str, seconds: float) -> str:
+        """The first of ``paths`` (the forms one disk's link can take) that is there."""
+        ...
+
+    async def wait_gone(self, path: str, what: str, seconds: float) -> None:
+        """Return once ``path`` is gone (a detached disk); DeadlineExceeded if not."""
         ...
 
 
@@ -63,20 +71,35 @@ class UdevWatch:
         )
 
     async def wait_for(self, path: str, what: str, seconds: float) -> None:
+        await self.wait_for_any([path], what, seconds)
+
+    async def wait_for_any(self, paths: Sequence[str], what: str, seconds: float) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         fd = self.monitor.fileno()
         while True:
             self._drain()
-            if self._processed(path):
-                return
+            for path in paths:
+                if self._processed(path):
+                    return path
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise DeadlineExceeded(
-                    f"udev did not create {path} for {what} within {seconds:.0f} s "
+                    f"udev did not create {' or '.join(paths)} for {what} within {seconds:.0f} s "
                     "(is systemd-udevd running and keeping up? udevadm monitor shows its events)"
                 )
             await _readable(fd, min(remaining, 1.0))
+
+    async def wait_gone(self, path: str, what: str, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        # udev removes a disk's links while it processes the disk's remove event.
+        while os.path.lexists(path):
+            self._drain()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{path} ({what}) was still there after {seconds:.0f} s")
+            await _readable(self.monitor.fileno(), min(remaining, 0.5))
 
 
 async def _readable(fd: int, seconds: float) -> None:
@@ -100,11 +123,27 @@ class PollWatch:
     """No udev here: wait for the node itself, which devtmpfs creates."""
 
     async def wait_for(self, path: str, what: str, seconds: float) -> None:
+        await self.wait_for_any([path], what, seconds)
+
+    async def wait_for_any(self, paths: Sequence[str], what: str, seconds: float) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while not Path(path).exists():
+        while True:
+            for path in paths:
+                if Path(path).exists():
+                    return path
             if loop.time() > deadline:
-                raise DeadlineExceeded(f"{path} for {what} did not appear within {seconds:.0f} s")
+                raise DeadlineExceeded(
+                    f"{' or '.join(paths)} for {what} did not appear within {seconds:.0f} s"
+                )
+            await asyncio.sleep(POLL)
+
+    async def wait_gone(self, path: str, what: str, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while os.path.lexists(path):
+            if loop.time() > deadline:
+                raise DeadlineExceeded(f"{path} ({what}) was still there after {seconds:.0f} s")
             await asyncio.sleep(POLL)
 
 

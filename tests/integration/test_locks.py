@@ -8,6 +8,7 @@ leases are checked where they are counted: in the daemon, read from its expositi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.locks
 MARGIN = 10
 # Fewer in the kernel tier's guest, where each krbd map costs seconds under TCG.
 RACE_ROUNDS = int(os.environ.get("RBDPLUGIN_RACE_ROUNDS", "50"))
+OTHER_MAPPER = {"krbd": "nbd", "nbd": "krbd"}.get(TEST_MAPPER, TEST_MAPPER)
 
 
 @dataclass
@@ -105,12 +108,18 @@ def hosts(
     marker = request.node.get_closest_marker("takeover")
     takeover = marker.args[0] if marker else "auto"
     tenants = tenant_toml(cluster, "alpha", default_size="64M", takeover=takeover)
+    # In the kernel tier both "hosts" share one kernel, where host-b would see host-a's
+    # kernel mapping of the image as made outside rbdplugin. Tests that leave host-a's
+    # mapping alive give host-b the other kernel mapper, which does not look at it.
+    separate = request.node.get_closest_marker("separate_mappers") is not None
+    mappers = {"host-a": TEST_MAPPER, "host-b": OTHER_MAPPER if separate else TEST_MAPPER}
     made = []
     for name in ("host-a", "host-b"):
         root, metrics = short_tmp / unique(name), f"127.0.0.1:{free_port()}"
         daemon = daemon_factory(
             tenants, wait_for="alpha", host_id=name, lease_check_seconds=1,
             state_dir=str(root / "state"), mount_root=str(root / "mounts"), metrics=metrics,
+            mapper=mappers[name],
         )  # fmt: skip
         made.append(Host(name, root, daemon, metrics))
     yield made[0], made[1]
@@ -176,6 +185,55 @@ def test_race_exactly_one_host_wins_each_round(hosts: tuple[Host, Host]) -> None
     assert {h.name: h.counted("lock_conflicts") - before[h.name] for h in hosts} == losses
 
 
+def blocklisted(admin: Admin) -> set[str]:
+    listing = admin.mon({"prefix": "osd blocklist ls", "format": "json"})
+    entries, _ = json.JSONDecoder().raw_decode(listing)  # a second array (ranges) follows
+    return {entry["addr"] for entry in entries}
+
+
+@contextlib.contextmanager
+def frozen(host: Host, volume: str, device: str, admin: Admin) -> Iterator[None]:
+    """Freeze ``host`` as a hung machine would be: its daemon and whatever carries the
+    mapping's I/O stop answering Ceph. Userspace mappers (fuse export, rbd-nbd) are
+    stopped with SIGSTOP. The kernel's krbd client cannot be stopped, so its packets are
+    dropped instead (kernel sockets belong to no process: ``! --uid-owner 0`` matches them
+    and nothing of this root-only test's own) until the taker has blocklisted every
+    address of the holder's lease; then it may talk again, and must find itself fenced."""
+    pids = [host.daemon.proc.pid]  # type: ignore[union-attr]
+    if TEST_MAPPER == "fuse":
+        pids += host.export_pids(volume)
+        assert len(pids) == 2, pids
+    elif TEST_MAPPER == "nbd":
+        pids.append(int(Path(f"/sys/block/{Path(device).name}/pid").read_text()))
+    lease = json.loads(admin.cluster.open_ioctx("alpha").read(f"rbdplugin.lease.{volume}"))
+    addresses = set(lease["writer"]["addrs"])
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    cut = ["OUTPUT", "-o", "lo", "-p", "tcp", "-m", "owner", "!", "--uid-owner", "0", "-j", "DROP"]
+    if TEST_MAPPER == "krbd":
+        subprocess.run(["iptables", "-w", "-I", *cut], check=True)
+    done = threading.Event()
+
+    def reconnect_when_fenced() -> None:
+        while not done.wait(0.2):
+            if addresses <= blocklisted(admin):
+                break
+        subprocess.run(["iptables", "-w", "-D", *cut], check=False)
+
+    thaw = threading.Thread(target=reconnect_when_fenced, daemon=True)
+    if TEST_MAPPER == "krbd":
+        thaw.start()
+    try:
+        yield
+        assert addresses <= blocklisted(admin), "the taker did not fence every address"
+    finally:
+        done.set()
+        if thaw.is_alive():
+            thaw.join(30)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_crash_of_the_holder_is_fenced_and_taken_over(
     hosts: tuple[Host, Host], admin: Admin
 ) -> None:
@@ -211,23 +269,19 @@ def test_crash_of_the_holder_is_fenced_and_taken_over(
     assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
 
 
-@pytest.mark.fuse_only  # kills or freezes the holder's export process
-def test_a_frozen_holder_is_fenced_and_notices_the_loss(hosts: tuple[Host, Host]) -> None:
+@pytest.mark.separate_mappers  # host-a's frozen mapping stays in the kernel tier's one kernel
+def test_a_frozen_holder_is_fenced_and_notices_the_loss(
+    hosts: tuple[Host, Host], admin: Admin
+) -> None:
     a, b = hosts
     volume = unique("freeze")
     a_path = a.create_and_mount(volume)
     write_blob(a_path / "from-a")
-    assert len(a.export_pids(volume)) == 1
-    frozen = [a.daemon.proc.pid, *a.export_pids(volume)]  # type: ignore[union-attr]
-    for pid in frozen:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    device = oracle.mappings_of(f"alpha/{volume}", a.export(volume))[0]
+    with frozen(a, volume, device, admin):
         b_path, took = take_over(b, volume, time.monotonic())
-        print(f"takeover from a frozen host: {took:.1f} s")
+        print(f"takeover from a frozen host ({TEST_MAPPER}): {took:.1f} s")
         digest = write_blob(Path(b_path) / "from-b")
-    finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
     # The woken host cannot write a byte: its every address is blocklisted.
     assert direct_write_fails(a_path / "late-write")
     wait_until(lambda: f"volume {volume}: LOST" in a.daemon.log(), 20, "host-a noticing the loss")
