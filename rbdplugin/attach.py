@@ -1,4 +1,9 @@
-"""Attach and detach volumes on this host: map, format once, mount; and back.
+"""Attach and detach volumes on this host: claim, attach, format once, mount; and back.
+
+What is the same for every back-end lives here; how a volume is claimed and how its
+block device appears (RBD: a lease and a mapper) is the back-end's
+:class:`~rbdplugin.backends.Attachment`, which this module only ever sees through
+that face.
 
 Every stage is recorded in the :class:`~rbdplugin.mounts.MountTable` before it
 starts, so a failure undoes exactly the stages done (Docker never sends Unmount
@@ -23,12 +28,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from rbdplugin.backends import VolumeBackend, VolumeInfo
+from rbdplugin.backends import Attachment, Device, Holder, Locator, VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import DeadlineExceeded, InvalidArgument, RbdPluginError, VolumeBusy
-from rbdplugin.filesystem import UNRECOGNISED, Filesystems
-from rbdplugin.lease import Leases
-from rbdplugin.mapping import ImageRef, MappedDevice, Mapper
+from rbdplugin.filesystem import UNRECOGNISED, Filesystems, Usage
 from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.spec import check_mkfs_words, parse_mount_options
@@ -49,32 +52,24 @@ class Attacher:
         self,
         *,
         tenant: TenantConfig,
-        conf: Path,
         mount_root: Path,
-        mapper: Mapper,
         filesystems: Filesystems,
         backend: VolumeBackend,
+        attachment: Attachment,
         table: MountTable,
-        leases: Leases,
         metrics: Metrics,
         teardown_seconds: float = 25.0,
     ) -> None:
         self.tenant = tenant
-        self.conf = conf
         self.mount_root = mount_root
-        self.mapper = mapper
         self.fs = filesystems
         self.backend = backend
+        self.attachment = attachment
         self.table = table
-        self.leases = leases
         self.metrics = metrics
         self.teardown_seconds = teardown_seconds
         # Teardowns still running (past their caller's budget), by volume.
         self._teardowns: dict[str, tuple[asyncio.Task[None], str]] = {}
-
-    def image_ref(self, pool: str, image: str, exclusive_lock: bool = False) -> ImageRef:
-        t = self.tenant
-        return ImageRef(pool, t.namespace, image, t.user, t.keyring, self.conf, exclusive_lock)
 
     def mountpoint(self, volume: str) -> Path:
         return self.mount_root / self.tenant.name / volume
@@ -88,7 +83,34 @@ class Attacher:
 
     def _intact(self, record: MountRecord) -> bool:
         source = self.fs.mounted_from(Path(record.mountpoint))
-        return bool(record.mapped and source and source == record.mapped.device)
+        return bool(record.device and source and source == record.device.path)
+
+    # -- what callers ask ------------------------------------------------------------------
+
+    def recorded(self, volume: str) -> MountRecord | None:
+        """The table's record of ``volume`` in whatever phase (None: nothing here)."""
+        return self.table.get(volume)
+
+    def records(self) -> list[MountRecord]:
+        return self.table.all()
+
+    def mounted_volumes(self) -> list[tuple[MountRecord, Device]]:
+        """Mounts that finished, with their devices (intact or not)."""
+        return [(r, r.device) for r in self.table.all() if r.phase == "mounted" and r.device]
+
+    def half_done(self) -> bool:
+        """Whether any record is mid-way (its clean-up may need the back-end)."""
+        return any(r.phase != "mounted" for r in self.table.all())
+
+    def usage(self, record: MountRecord) -> Usage:
+        """The filesystem usage of a mounted record; OSError if it cannot be read."""
+        return self.fs.usage(Path(record.mountpoint))
+
+    async def holders(self, info: VolumeInfo) -> list[Holder]:
+        return await self.attachment.holders(info)
+
+    def describe(self, record: MountRecord) -> str:
+        return self.attachment.describe(record.locator)
 
     # -- Mount ---------------------------------------------------------------------------
 
@@ -125,8 +147,8 @@ class Attacher:
         if leftover is not None:
             await self._owned_teardown(leftover)
         record = MountRecord(
-            volume=info.name, pool=info.spec.pool, namespace=self.tenant.namespace,
-            image=info.spec.source or info.name, mountpoint=str(self.mountpoint(info.name)),
+            volume=info.name, locator=self.attachment.locate(info),
+            mountpoint=str(self.mountpoint(info.name)),
             mode="ro" if info.spec.access == "ro" else "rw",
         )  # fmt: skip
         self.table.save(record)
@@ -141,21 +163,18 @@ class Attacher:
         return record.mountpoint
 
     async def _attach(self, info: VolumeInfo, record: MountRecord, mount_id: str) -> None:
-        image = self.image_ref(record.pool, record.image, "exclusive-lock" in info.spec.features)
         read_only = record.mode == "ro"
-        await self.leases.acquire(record.pool, record.image, "ro" if read_only else "rw", info.name)
+        await self.attachment.claim(info.name, record.locator, read_only)
         sharing = self._sharing(record)
         if sharing:
             raise VolumeBusy(
-                f"volume {info.name!r}: its image {image.spec} is already mounted on this "
-                f"host as volume {sharing[0].volume!r}; one host mounts an image once"
+                f"volume {info.name!r}: its image {self.describe(record)} is already mounted on "
+                f"this host as volume {sharing[0].volume!r}; one host mounts an image once"
             )
-        record.mapped = await self._map(image, read_only)
+        record.device = await self._expose(info, record.locator, read_only)
         record.phase = "mapped"
         self.table.save(record)
-        if not read_only:
-            await self.leases.record_mapping(record.pool, record.image)
-        record.fstype = await self._format_once(info, record.mapped.device, read_only)
+        record.fstype = await self._format_once(info, record.device.path, read_only)
         record.phase = "mounting"
         self.table.save(record)
         stored = _stored(
@@ -165,40 +184,37 @@ class Attacher:
         if self.tenant.nosuid_nodev:
             options += HOST_SAFE_OPTIONS
         with self.metrics.stage("mount"):
-            await self.fs.mount(
-                record.mapped.device, Path(record.mountpoint), record.fstype, options
-            )
+            await self.fs.mount(record.device.path, Path(record.mountpoint), record.fstype, options)
         record.phase = "mounted"
         record.since = _now()
         record.counts = {mount_id: 1}
         self.table.save(record)
-        log.info("volume %s: mounted %s at %s (%s)", info.name, record.mapped.device,
-                 record.mountpoint, self.mapper.name)  # fmt: skip
+        log.info("volume %s: mounted %s at %s (%s)", info.name, record.device.path,
+                 record.mountpoint, record.device.via)  # fmt: skip
 
     def _sharing(self, record: MountRecord) -> list[MountRecord]:
-        """Other volumes of this table on the same image (a source and its companions)."""
-        same = (record.pool, record.image)
+        """Other volumes of this table on the same storage (a source and its companions)."""
         return [
             other for other in self.table.all()
-            if other.volume != record.volume and (other.pool, other.image) == same
+            if other.volume != record.volume and other.locator == record.locator
         ]  # fmt: skip
 
-    async def _map(self, image: ImageRef, read_only: bool) -> MappedDevice:
-        found = await self.mapper.find(image)
-        if found is not None and read_only and self.fs.mount_points_of(found.device):
+    async def _expose(self, info: VolumeInfo, locator: Locator, read_only: bool) -> Device:
+        found = await self.attachment.find(locator)
+        if found is not None and read_only and self.fs.mount_points_of(found.path):
             found = None  # someone else's read-only use: a second read-only map is harmless
         if found is not None:
             # Not in our table, so not ours to keep: a leftover from a crash, or someone else's.
-            users = self.fs.mount_points_of(found.device)
+            users = self.fs.mount_points_of(found.path)
             if users:
                 raise VolumeBusy(
-                    f"image {image.spec} is already mapped at {found.device} and mounted at "
-                    f"{', '.join(users)} outside rbdplugin; unmount it there first"
+                    f"image {self.attachment.describe(locator)} is already mapped at {found.path} "
+                    f"and mounted at {', '.join(users)} outside rbdplugin; unmount it there first"
                 )
-            log.info("volume %s: removing a leftover mapping %s", image.image, found)
-            await self.mapper.unmap(found)
+            log.info("volume %s: removing a leftover mapping %s", info.name, found)
+            await self.attachment.detach(found)
         with self.metrics.stage("map"):
-            return await self.mapper.map(image, read_only)
+            return await self.attachment.attach(info, locator, read_only)
 
     async def _format_once(self, info: VolumeInfo, device: str, read_only: bool) -> str:
         wanted = info.spec.fstype
@@ -321,47 +337,55 @@ class Attacher:
         """Undo whatever stages of ``record`` happened; then forget it (and only it)."""
         with self.metrics.stage("unmount"):
             await self.fs.unmount(Path(record.mountpoint))
-        image = self.image_ref(record.pool, record.image)
-        # Another volume mounted here on the same image owns that mapping and claim.
+        # Another volume mounted here on the same storage owns that device and claim.
         shared = bool(self._sharing(record))
-        if record.mapped is not None:
+        if record.device is not None:
             with self.metrics.stage("unmap"):
-                await self.mapper.unmap(record.mapped)
+                await self.attachment.detach(record.device)
         elif not shared:
-            await self._unmap_unrecorded(image)
+            await self._detach_unrecorded(record.locator)
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
         if self.table.get(record.volume) is not record:
             log.error("volume %s: a newer mount record replaced this one; leaving it alone",
                       record.volume)  # fmt: skip
             return
-        if not shared:  # only our own claim: after a takeover the lease is someone else's
-            await self.leases.release(record.pool, record.image)
+        if not shared:  # only our own claim: after a takeover the claim is someone else's
+            await self.attachment.release(record.locator)
         self.table.drop(record.volume)
 
-    async def _unmap_unrecorded(self, image: ImageRef) -> None:
-        """A mapping of ``image`` our crash or roll-back may have left unrecorded; never one
+    async def _detach_unrecorded(self, locator: Locator) -> None:
+        """A device of ``locator`` our crash or roll-back may have left unrecorded; never one
         that is mounted (that is someone's in use, e.g. another client's on this kernel)."""
-        leftover = await self.mapper.find(image)
+        leftover = await self.attachment.find(locator)
         if leftover is None:
             return
-        users = self.fs.mount_points_of(leftover.device) if leftover.device else []
+        users = self.fs.mount_points_of(leftover.path) if leftover.path else []
         if users:
-            log.warning("image %s: leaving %s alone: it is mounted at %s", image.spec,
-                        leftover.device, ", ".join(users))  # fmt: skip
+            log.warning("image %s: leaving %s alone: it is mounted at %s",
+                        self.attachment.describe(locator), leftover.path,
+                        ", ".join(users))  # fmt: skip
             return
         with self.metrics.stage("unmap"):
-            await self.mapper.unmap(leftover)
+            await self.attachment.detach(leftover)
 
-    # -- leases --------------------------------------------------------------------------
+    # -- checks --------------------------------------------------------------------------
+
+    async def check(self, volume: str) -> None:
+        """Check a mounted volume's device, then (unless lost already) its claim."""
+        record = self.table.get(volume)
+        if record is None or record.phase != "mounted":
+            return
+        await self.check_mapping(record)
+        if not record.lost:
+            await self.check_leases_of(volume)
 
     async def check_lease(self, record: MountRecord) -> None:
         """Notice (once) that another host took this mounted volume over."""
-        claim = await self.leases.check(record.pool, record.image)
-        if claim is not None or record.lost:
+        claimed = await self.attachment.still_claimed(record.locator)
+        if claimed or record.lost:
             return
-        doc, _ = await self.leases.read(record.pool, record.image)
-        holder = doc.writer.host if doc.writer else "nobody"
+        holder = await self.attachment.claimant(record.locator)
         record.lost = f"{holder} at {_now()}"
         self.table.save(record)
         self.metrics.leases_lost.labels(self.tenant.name).inc()
@@ -373,9 +397,9 @@ class Attacher:
 
     async def check_mapping(self, record: MountRecord) -> None:
         """Notice (once) that a mounted volume's mapping died under it: I/O fails now."""
-        if record.mapped is None or record.broken:
+        if record.device is None or record.broken:
             return
-        reason = await self.mapper.broken(record.mapped)
+        reason = await self.attachment.broken(record.device)
         if reason is None:
             return
         record.broken = f"{reason} (noticed {_now()})"

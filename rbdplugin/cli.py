@@ -19,8 +19,7 @@ from rbdplugin.config import Config, load_config
 from rbdplugin.daemon import serve
 from rbdplugin.devcloud.cli import register as register_devcloud
 from rbdplugin.devcluster import DevCluster
-from rbdplugin.errors import ConfigError, RbdPluginError
-from rbdplugin.lease import CorruptLease
+from rbdplugin.errors import ConfigError, CorruptLease, RbdPluginError
 
 DEFAULT_CONFIG = Path("/etc/rbdplugin/rbdplugin.toml")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

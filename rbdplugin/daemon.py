@@ -25,18 +25,20 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from rbdplugin.api import build_app
 from rbdplugin.attach import Attacher
-from rbdplugin.backends import VolumeBackend
+from rbdplugin.backends import Attachment, VolumeBackend
 from rbdplugin.backends.rbd import RbdBackend
+from rbdplugin.backends.rbd_attach import RbdAttachment
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
 from rbdplugin.errors import ConfigError
 from rbdplugin.filesystem import Filesystems
 from rbdplugin.health import CephProbe, control_app, metrics_app, socket_answers
+from rbdplugin.host import HostPaths
 from rbdplugin.lease import HostIdentity, Leases
-from rbdplugin.mapping import HostPaths, Mapper
+from rbdplugin.mapping import Mapper
 from rbdplugin.mapping.select import build_mapper
 from rbdplugin.metrics import Metrics, MountedVolume, Snapshot, StateCollector
-from rbdplugin.mounts import MountTable
+from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.process import run, stuck_children
 from rbdplugin.service import VolumeService
 from rbdplugin.state import KnownVolumes, host_uuid
@@ -48,9 +50,25 @@ SUN_PATH_MAX = 107
 DRAIN_SECONDS = 30.0
 
 
-def build_backend(client: CephClient, tenant: TenantConfig) -> VolumeBackend:
-    """The one place a tenant's back-end is chosen (RBD now; Cinder joins here)."""
-    return RbdBackend(client, tenant)
+@dataclass(frozen=True)
+class Parts:
+    """What a tenant's back-end is built from: the host's shared pieces and its Ceph."""
+
+    config: Config
+    tenant: TenantConfig
+    client: CephClient
+    me: HostIdentity
+    mapper: Mapper
+    metrics: Metrics
+
+
+def build_backend(parts: Parts) -> tuple[VolumeBackend, Attachment]:
+    """The one place a tenant's back-end is chosen (RBD now; Cinder joins here): its
+    storage face and its attachment face."""
+    daemon, tenant = parts.config.daemon, parts.tenant
+    leases = Leases(parts.client, parts.me, tenant.takeover, daemon.fence_seconds, parts.metrics)
+    attachment = RbdAttachment(tenant, parts.config.ceph.conf, parts.mapper, leases)
+    return RbdBackend(parts.client, tenant), attachment
 
 
 def bind_unix(path: Path) -> socket.socket:
@@ -158,17 +176,17 @@ class Daemon:
             self.config.ceph, tenant, deadline=daemon.op_timeout,
             address_file=state / "client-address.json",
         )  # fmt: skip
-        backend = build_backend(client, tenant)
         me = HostIdentity(daemon.host_id, self.host_uuid)
-        leases = Leases(client, me, tenant.takeover, daemon.fence_seconds, self.metrics)
+        parts = Parts(self.config, tenant, client, me, mapper, self.metrics)
+        backend, attachment = build_backend(parts)
         attacher = Attacher(
-            tenant=tenant, conf=self.config.ceph.conf, mount_root=daemon.mount_root, mapper=mapper,
+            tenant=tenant, mount_root=daemon.mount_root,
             filesystems=Filesystems(run, self.host, daemon.op_timeout), backend=backend,
-            table=MountTable(state / "mounts.json"), leases=leases, metrics=self.metrics,
-            teardown_seconds=daemon.op_timeout / 2,
+            attachment=attachment, metrics=self.metrics, teardown_seconds=daemon.op_timeout / 2,
+            table=MountTable(state / "mounts.json", upgrade=attachment.upgrade_record),
         )  # fmt: skip
         service = VolumeService(
-            tenant=tenant, backend=backend, attacher=attacher,
+            tenant=tenant, backend=backend, attacher=attacher, metrics=self.metrics,
             known=KnownVolumes(state / "known-volumes.json"), host_id=daemon.host_id,
             op_timeout=daemon.op_timeout, lease_check_seconds=daemon.lease_check_seconds,
         )  # fmt: skip
@@ -207,29 +225,26 @@ class Daemon:
         mounted = []
         for driver in self.drivers:
             attacher = driver.service.attacher
-            for record in attacher.table.all():
-                if record.phase != "mounted" or record.mapped is None:
-                    continue
-                size, used = _usage(attacher, record.mountpoint)
+            for record, device in attacher.mounted_volumes():
+                size, used = _usage(attacher, record)
                 mounted.append(
-                    MountedVolume(driver.tenant.name, record.volume, record.mapped.mapper,
+                    MountedVolume(driver.tenant.name, record.volume, device.via,
                                   record.references, size, used, bool(record.broken))
                 )  # fmt: skip
-        connected = {
-            d.tenant.name: d.service.attacher.leases.client.connected for d in self.drivers
-        }
+        connected = {d.tenant.name: d.service.backend.connected for d in self.drivers}
         return Snapshot(mounted, [d.tenant.name for d in self.drivers], connected)
 
     async def status(self) -> dict[str, Any]:
         volumes = []
         for driver in self.drivers:
-            cleaning = driver.service.attacher.cleaning()
-            for record in driver.service.attacher.table.all():
+            attacher = driver.service.attacher
+            cleaning = attacher.cleaning()
+            for record in attacher.records():
                 volumes.append({
                     "driver": driver.tenant.driver, "volume": record.volume,
-                    "image": f"{record.pool}/{record.image}", "phase": record.phase,
+                    "image": attacher.describe(record), "phase": record.phase,
                     "access": record.mode, "mountpoint": record.mountpoint,
-                    "device": record.mapped.device if record.mapped else "",
+                    "device": record.device.path if record.device else "",
                     "mounts": dict(record.counts), "since": record.since, "lost_to": record.lost,
                     "broken": record.broken, "cleaning_since": cleaning.get(record.volume, ""),
                 })  # fmt: skip
@@ -259,9 +274,9 @@ class Daemon:
             log.info("rbdplugin stopped")
 
 
-def _usage(attacher: Attacher, mountpoint: str) -> tuple[int | None, int | None]:
+def _usage(attacher: Attacher, record: MountRecord) -> tuple[int | None, int | None]:
     try:
-        usage = attacher.fs.usage(Path(mountpoint))
+        usage = attacher.usage(record)
     except OSError:
         return None, None
     return usage.size, usage.used

@@ -12,6 +12,8 @@ volume, and what to do.
     │   └── InvalidArgument    a name, size or option value is not acceptable
     ├── NotFound               the volume does not exist
     ├── Conflict               exists with other options, or another owner holds it
+    │   └── LeaseConflict      another host's use of the volume forbids this host's
+    ├── CorruptLease           a volume's claim record cannot be read; an operator must clear it
     ├── QuotaExceeded          the tenant's volume count or total size would be exceeded
     │                          (or Cinder refused with 413: its message is kept)
     ├── PermissionDenied       our policy, Ceph's caps or OpenStack (401/403) refuse it
@@ -54,6 +56,16 @@ class NotFound(RbdPluginError):
 
 class Conflict(RbdPluginError):
     reason = "conflict"
+
+
+class LeaseConflict(Conflict):
+    reason = "lock_conflict"
+
+
+class CorruptLease(RbdPluginError):
+    """The lease object cannot be read as a lease: only an operator can clear it."""
+
+    reason = "corrupt_lease"
 
 
 class QuotaExceeded(RbdPluginError):

@@ -1,4 +1,4 @@
-"""Filesystems on mapped devices: probe, format once, mount, unmount, measure.
+"""Filesystems on volumes' block devices: probe, format once, mount, unmount, measure.
 
 The rule that protects data: a device that carries any signature (filesystem,
 partition table, RAID or LVM member, LUKS, swap...) is never formatted. The
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rbdplugin.errors import ProcessError, VolumeBusy
-from rbdplugin.mapping import HostPaths
-from rbdplugin.mapping.scan import mounts
+from rbdplugin.host import HostPaths, mount_points_of, mounts
 from rbdplugin.process import Command, Runner
 
 # What blkid may report that we mount, and as which filesystem type.
@@ -172,7 +171,7 @@ class Filesystems:
         return entry[0] if entry else None
 
     def mount_points_of(self, device: str) -> list[str]:
-        return [target for target, entry in mounts(self.host).items() if entry[0] == device]
+        return mount_points_of(self.host, device)
 
     def usage(self, target: Path) -> Usage:
         st = os.statvfs(target)

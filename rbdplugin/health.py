@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -20,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from rbdplugin.errors import NotFound, RbdPluginError
+from rbdplugin.errors import RbdPluginError
 from rbdplugin.service import VolumeService
 
 PROBE_SECONDS = 3.0
@@ -48,11 +47,7 @@ class CephProbe:
         return "up"
 
     async def _probe(self) -> None:
-        client = self.service.attacher.leases.client
-        with contextlib.suppress(NotFound):  # an OSD answered: that is all a probe asks
-            await client.run(
-                self.service.tenant.pool, "probing Ceph", lambda io: io.stat("rbdplugin.probe")
-            )
+        await self.service.backend.probe()
 
 
 def socket_answers(path: Path) -> bool:

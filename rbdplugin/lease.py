@@ -38,7 +38,10 @@ import rados
 import rbd
 
 from rbdplugin.ceph import CephClient
-from rbdplugin.errors import CephUnavailable, Conflict, RbdPluginError
+
+# The two lease errors live in the error tree: callers above the back-ends catch them
+# without knowing leases.
+from rbdplugin.errors import CephUnavailable, CorruptLease, LeaseConflict
 from rbdplugin.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -48,16 +51,6 @@ Takeover = Literal["auto", "manual"]
 PREFIX = "rbdplugin.lease."
 MAX_LEASE_BYTES = 64 * 1024
 CAS_ATTEMPTS = 8
-
-
-class LeaseConflict(Conflict):
-    reason = "lock_conflict"
-
-
-class CorruptLease(RbdPluginError):
-    """The lease object cannot be read as a lease: only an operator can clear it."""
-
-    reason = "corrupt_lease"
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from rbdplugin.backends.rbd import RbdBackend
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
-from rbdplugin.errors import ConfigError, NotFound
-from rbdplugin.lease import CorruptLease, Holder, HostIdentity, Leases
+from rbdplugin.errors import ConfigError, CorruptLease, NotFound
+from rbdplugin.lease import Holder, HostIdentity, Leases
 
 
 @dataclass(frozen=True)

@@ -5,32 +5,38 @@ restarts knowing what it was doing. ``phase`` records the stage a Mount or
 Unmount had reached; only ``mounted`` is a finished state.
 
     mapping -> mapped -> mounting -> mounted -> unmounting -> (gone)
+
+(``mapping``: claiming the volume and attaching its device; ``mapped``: the device
+is there.) Where the volume lives and how its device is found again are the
+back-end's own :data:`~rbdplugin.backends.Locator` dicts; entries from before
+back-ends had them are brought up to date by the back-end's ``upgrade_record``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rbdplugin.mapping import MappedDevice
+from rbdplugin.backends import Device, Locator
 from rbdplugin.state import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 Phase = Literal["mapping", "mapped", "mounting", "mounted", "unmounting"]
+# Turns a table entry in an older format into today's (and leaves today's alone).
+Upgrade = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
 class MountRecord:
     volume: str
-    pool: str
-    namespace: str
-    image: str
+    locator: Locator  # where the volume's storage is, from the back-end's ``locate``
     mountpoint: str
     phase: Phase = "mapping"
-    mapped: MappedDevice | None = None
+    device: Device | None = None
     fstype: str = ""
     since: str = ""
     mode: str = "rw"
@@ -47,20 +53,22 @@ class MountRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "volume": self.volume, "pool": self.pool, "namespace": self.namespace,
-            "image": self.image, "mountpoint": self.mountpoint, "phase": self.phase,
-            "mapped": self.mapped.to_json() if self.mapped else None, "fstype": self.fstype,
+            "volume": self.volume, "locator": dict(self.locator),
+            "mountpoint": self.mountpoint, "phase": self.phase,
+            "device": self.device.to_json() if self.device else None, "fstype": self.fstype,
             "since": self.since, "counts": dict(self.counts), "mode": self.mode,
             "lost": self.lost, "broken": self.broken,
         }  # fmt: skip
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MountRecord:
-        mapped = data.get("mapped")
+        device, locator = data.get("device"), data["locator"]
+        if not isinstance(locator, dict):
+            raise ValueError(f"bad locator {locator!r}")
         return cls(
-            volume=data["volume"], pool=data["pool"], namespace=data.get("namespace", ""),
-            image=data["image"], mountpoint=data["mountpoint"], phase=data["phase"],
-            mapped=MappedDevice.from_json(mapped) if mapped else None,
+            volume=data["volume"], locator={str(k): str(v) for k, v in locator.items()},
+            mountpoint=data["mountpoint"], phase=data["phase"],
+            device=Device.from_json(device) if device else None,
             fstype=data.get("fstype", ""), since=data.get("since", ""),
             counts={str(k): int(v) for k, v in data.get("counts", {}).items()},
             mode=data.get("mode", "rw"), lost=data.get("lost", ""),
@@ -71,7 +79,7 @@ class MountRecord:
 class MountTable:
     """Volume name -> :class:`MountRecord`, saved to ``path`` on every change."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, upgrade: Upgrade = lambda entry: entry) -> None:
         self.path = path
         raw = read_json(path, {})
         self._records: dict[str, MountRecord] = {}
@@ -83,7 +91,7 @@ class MountTable:
         bad: dict[str, Any] = {}
         for name, entry in raw.items():
             try:
-                self._records[name] = MountRecord.from_json(entry)
+                self._records[name] = MountRecord.from_json(upgrade(entry))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 # One bad entry must not stop start-up or hide the good ones.
                 log.error("volume %s: unreadable entry in %s (%s: %s); ignoring it (kept in %s)",

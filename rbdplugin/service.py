@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from rbdplugin.attach import Attacher
@@ -22,14 +21,16 @@ from rbdplugin.config import TenantConfig
 from rbdplugin.errors import (
     CephUnavailable,
     Conflict,
+    CorruptLease,
     DeadlineExceeded,
     InvalidArgument,
+    LeaseConflict,
     NotFound,
     QuotaExceeded,
     RbdPluginError,
     VolumeBusy,
 )
-from rbdplugin.lease import CorruptLease, LeaseConflict
+from rbdplugin.metrics import Metrics
 from rbdplugin.spec import CreateRequest, Defaults, incompatibilities, parse_create, validate_name
 from rbdplugin.state import KnownVolumes
 from rbdplugin.units import format_size
@@ -54,6 +55,7 @@ class VolumeService:
         tenant: TenantConfig,
         backend: VolumeBackend,
         attacher: Attacher,
+        metrics: Metrics,
         known: KnownVolumes,
         host_id: str,
         op_timeout: float,
@@ -62,6 +64,7 @@ class VolumeService:
         self.tenant = tenant
         self.backend = backend
         self.attacher = attacher
+        self.metrics = metrics
         self._tasks: set[asyncio.Task[Any]] = set()
         self._in_flight: dict[tuple[str, str, str], asyncio.Task[Any]] = {}
         self.lease_check_seconds = lease_check_seconds
@@ -151,7 +154,7 @@ class VolumeService:
 
     async def _backend_create(self, request: CreateRequest) -> VolumeInfo:
         try:
-            with self.attacher.metrics.stage("create"):
+            with self.metrics.stage("create"):
                 info = await self.backend.create(request, self.host_id)
         except Conflict:
             # Another host created it between our look-up and our create.
@@ -215,7 +218,7 @@ class VolumeService:
                 try:
                     mountpoint = await self.attacher.mount(info, mount_id)
                 except LeaseConflict:
-                    self.attacher.metrics.lock_conflicts.labels(self.tenant.name).inc()
+                    self.metrics.lock_conflicts.labels(self.tenant.name).inc()
                     raise
             return mountpoint
 
@@ -240,7 +243,7 @@ class VolumeService:
     async def _unmount(self, name: str, mount_id: str) -> None:
         async with self._volume(name, "unmounting"):
             await self.attacher.unmount(name, mount_id)
-            if self.attacher.table.get(name) is None:
+            if self.attacher.recorded(name) is None:
                 # Not mounted here any more: a later Mount reads the lease afresh.
                 self._trouble.pop(name, None)
 
@@ -290,28 +293,27 @@ class VolumeService:
         return VolumeView(name, self.path(name), {**status, **self._mount_status(name)})
 
     async def _holders(self, info: VolumeInfo) -> list[dict[str, Any]]:
-        image = info.spec.source or info.name
         try:
-            holders = await self.attacher.leases.holders(info.spec.pool, image)
+            holders = await self.attacher.holders(info)
         except RbdPluginError as exc:
             log.warning("volume %s: cannot read its lease: %s", info.name, exc)
             return []
-        return [{"host": h.host, "access": h.mode, "since": h.since, "alive": h.alive}
+        return [{"host": h.host, "access": h.access, "since": h.since, "alive": h.alive}
                 for h in holders]  # fmt: skip
 
     def _mount_status(self, name: str) -> dict[str, Any]:
         record = self.attacher.mounted(name)
-        if record is None or record.mapped is None:
+        if record is None or record.device is None:
             return {}
         if record.lost:
             return {"mountpoint": record.mountpoint, "lost_to": record.lost,
                     "mounts": dict(record.counts)}  # fmt: skip
         if record.broken:
-            return {"mountpoint": record.mountpoint, "device": record.mapped.device,
+            return {"mountpoint": record.mountpoint, "device": record.device.path,
                     "broken": record.broken, "mounts": dict(record.counts)}  # fmt: skip
         status: dict[str, Any] = {
-            "device": record.mapped.device,
-            "mapper": record.mapped.mapper,
+            "device": record.device.path,
+            "mapper": record.device.via,
             "mountpoint": record.mountpoint,
             "mounted_on": self.host_id,
             "mounted_since": record.since,
@@ -319,7 +321,7 @@ class VolumeService:
             "access": record.mode,
         }
         try:
-            usage = self.attacher.fs.usage(Path(record.mountpoint))
+            usage = self.attacher.usage(record)
         except OSError:
             return status
         status.update(fs_size_bytes=usage.size, fs_used_bytes=usage.used, fs_free_bytes=usage.free)
@@ -369,7 +371,7 @@ class VolumeService:
     async def remove(self, name: str) -> None:
         name = validate_name(name)
         async with self._volume(name, "removing"):
-            record = self.attacher.table.get(name)
+            record = self.attacher.recorded(name)
             if record is not None:
                 raise VolumeBusy(
                     f"volume {name!r} is mounted on host {self.host_id} at {record.mountpoint} "
@@ -377,7 +379,7 @@ class VolumeService:
                     "stop the containers using it first"
                 )
             await self._refuse_if_held(name)
-            with self.attacher.metrics.stage("remove"):
+            with self.metrics.stage("remove"):
                 outcome = await self.backend.remove(name)
             self.known.forget(name)
         log.info("volume %s: removed (%s, policy %s)", name, outcome, self.tenant.remove_policy)
@@ -393,7 +395,7 @@ class VolumeService:
         delay = 1.0
         while True:
             try:
-                await self.attacher.leases.client.connect()
+                await self.backend.connect()
                 break
             except RbdPluginError as exc:
                 if not self._needs_ceph_to_reconcile():
@@ -413,7 +415,7 @@ class VolumeService:
 
     def _needs_ceph_to_reconcile(self) -> bool:
         # Half-done entries release leases in Ceph; a table of finished mounts does not.
-        return any(r.phase != "mounted" for r in self.attacher.table.all())
+        return self.attacher.half_done()
 
     @property
     def ready(self) -> bool:
@@ -422,7 +424,7 @@ class VolumeService:
     async def _check_leases(self) -> None:
         while True:
             await asyncio.sleep(self.lease_check_seconds)
-            for record in self.attacher.table.all():
+            for record in self.attacher.records():
                 if record.phase == "mounted":
                     await self._check_one(record.volume)
 
@@ -431,12 +433,7 @@ class VolumeService:
         try:
             # Under the volume's lock: a concurrent Unmount must not race the check.
             async with self._volume(volume, "checking"):
-                record = self.attacher.table.get(volume)
-                if record is None or record.phase != "mounted":
-                    return
-                await self.attacher.check_mapping(record)
-                if not record.lost:
-                    await self.attacher.check_leases_of(volume)
+                await self.attacher.check(volume)
             self._trouble.pop(volume, None)
         except CorruptLease as exc:
             if self._trouble.get(volume) != str(exc):
@@ -451,9 +448,9 @@ class VolumeService:
         info = await self._inspect_or_none(name)
         if info is None or info.spec.source:
             return
-        live = [h for h in await self.attacher.leases.holders(info.spec.pool, name) if h.alive]
+        live = [h for h in await self.attacher.holders(info) if h.alive]
         if live:
-            where = "; ".join(f"{h.mode} on host {h.host} since {h.since}" for h in live)
+            where = "; ".join(f"{h.access} on host {h.host} since {h.since}" for h in live)
             raise VolumeBusy(
                 f"volume {name!r} is mounted ({where}); stop the containers using it there first"
             )

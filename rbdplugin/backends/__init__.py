@@ -1,19 +1,28 @@
-"""Volume back-ends: where a volume's storage lives and how it is created and removed.
+"""Volume back-ends: where a volume lives, and how it reaches this host.
 
-The service talks to a :class:`VolumeBackend` and never knows which one it holds:
-:mod:`.rbd` (images in the tenant's pool, driven through librbd) today, a Cinder
-back-end (volumes created in Cinder and attached through Nova) later. Back-ends
-are chosen in one place, :func:`rbdplugin.daemon.build_backend`.
+A back-end has two faces, and the code above it never knows which back-end it holds:
+
+- storage, :class:`VolumeBackend`: create, inspect, list and remove volumes (the service);
+- attachment, :class:`Attachment`: claim a volume for this host, expose it as a block
+  :class:`Device`, find, check and undo that (the generic :class:`~rbdplugin.attach.Attacher`).
+
+:mod:`.rbd` and :mod:`.rbd_attach` are RBD's (images in the tenant's pool through librbd;
+a RADOS lease and a mapper); a Cinder back-end (volumes created in Cinder, attached
+through Nova, found by udev by their serial) joins later. Back-ends are chosen in one
+place, :func:`rbdplugin.daemon.build_backend`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from rbdplugin.spec import CreateRequest, VolumeSpec
 
 RemoveOutcome = Literal["deleted", "trashed", "kept", "absent"]
+# Where a volume's storage is (or how its device is found again), in a back-end's own
+# terms: kept in the mount table, read back only by the back-end that wrote it.
+Locator = dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,51 @@ class Usage:
     provisioned: int
 
 
+@dataclass(frozen=True)
+class Device:
+    """A volume's block device on this host, as the mount table keeps it."""
+
+    path: str  # "" while an attachment is only partly there (found after a crash)
+    via: str  # how it reached this host, for people and metrics (e.g. the mapper)
+    locator: Locator = field(default_factory=dict)  # enough to find, check and undo it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "via": self.via, "locator": dict(self.locator)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Device:
+        locator = data.get("locator") or {}
+        if not isinstance(locator, dict):
+            raise ValueError(f"bad device locator in state: {locator!r}")
+        return cls(
+            str(data["path"]), str(data["via"]), {str(k): str(v) for k, v in locator.items()}
+        )
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A host's claim on a volume, as Get's Status and Remove show it."""
+
+    host: str
+    access: str  # "rw" or "ro"
+    since: str
+    alive: bool
+
+
 class VolumeBackend(Protocol):
+    async def connect(self) -> None:
+        """Reach where volumes live (raises what is wrong); later calls reconnect as needed."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up now (for metrics; never blocks)."""
+        ...
+
+    async def probe(self) -> None:
+        """One cheap round trip to where volumes live, for readiness; raises what is wrong."""
+        ...
+
     async def create(self, request: CreateRequest, host_id: str) -> VolumeInfo:
         """Create the volume; :class:`~rbdplugin.errors.Conflict` if the name is taken."""
         ...
@@ -83,3 +136,66 @@ class VolumeBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class Attachment(Protocol):
+    """How a back-end's volumes reach this host, and who else may use them meanwhile.
+
+    The :class:`~rbdplugin.attach.Attacher` calls these in this order, recording each
+    stage before it starts: ``claim``, ``attach``, (mount), and back: (unmount),
+    ``detach``, ``release``. A stage that failed or was cut short by a crash is undone
+    from what the record holds: the ``locator`` from :meth:`locate` always, the
+    :class:`Device` once ``attach`` returned it (else :meth:`find` looks for it).
+    """
+
+    def locate(self, info: VolumeInfo) -> Locator:
+        """Where ``info``'s storage is. Volumes with equal locators share it (a source
+        and its read-only companions): one host attaches it once."""
+        ...
+
+    def describe(self, locator: Locator) -> str:
+        """What ``locator`` names, for people, after the word "image" (e.g. ``pool/image``)."""
+        ...
+
+    async def claim(self, volume: str, locator: Locator, read_only: bool) -> None:
+        """Make this host a user of the storage: the only writer, or one of its readers.
+        :class:`~rbdplugin.errors.LeaseConflict` if another host's use forbids it."""
+        ...
+
+    async def attach(self, info: VolumeInfo, locator: Locator, read_only: bool) -> Device:
+        """Expose the claimed storage here; the returned device is ready for I/O."""
+        ...
+
+    async def find(self, locator: Locator) -> Device | None:
+        """The device of ``locator`` on this host, if any (also a partial one)."""
+        ...
+
+    async def detach(self, device: Device) -> None:
+        """Undo ``attach``, also a partial one; succeed if it is already gone."""
+        ...
+
+    async def release(self, locator: Locator) -> None:
+        """Give back this host's claim (never anyone else's)."""
+        ...
+
+    async def still_claimed(self, locator: Locator) -> bool:
+        """True while this host's claim stands (renewing what keeps it alive); False
+        once another host took the storage over."""
+        ...
+
+    async def claimant(self, locator: Locator) -> str:
+        """Who holds the storage now, for people ("nobody" if no one)."""
+        ...
+
+    async def broken(self, device: Device) -> str | None:
+        """Why ``device`` can no longer serve I/O, or None if it looks healthy."""
+        ...
+
+    async def holders(self, info: VolumeInfo) -> list[Holder]:
+        """Every host's claim on ``info``'s storage."""
+        ...
+
+    def upgrade_record(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A mount-table entry written before back-ends had locators, in today's format
+        (an entry in today's format comes back as it is)."""
+        ...

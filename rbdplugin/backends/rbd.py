@@ -47,6 +47,19 @@ class RbdBackend:
         self.client = client
         self.tenant = tenant
 
+    async def connect(self) -> None:
+        await self.client.connect()
+
+    @property
+    def connected(self) -> bool:
+        return self.client.connected
+
+    async def probe(self) -> None:
+        with contextlib.suppress(NotFound):  # an OSD answered: that is all a probe asks
+            await self.client.run(
+                self.tenant.pool, "probing Ceph", lambda io: io.stat("rbdplugin.probe")
+            )
+
     def location(self, pool: str, name: str) -> str:
         ns = f"{self.tenant.namespace}/" if self.tenant.namespace else ""
         return f"{pool}/{ns}{name}"

@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Protocol
 
 from rbdplugin.errors import RbdPluginError
+from rbdplugin.host import HostPaths
+
+# HostPaths lives in rbdplugin.host now; re-exported for existing callers.
+__all__ = [
+    "HostPaths", "ImageRef", "MappedDevice", "Mapper", "MapperUnavailable", "unavailable_reason",
+]  # fmt: skip
 
 
 class MapperUnavailable(RbdPluginError):
     """This host cannot map images with the chosen mapper (module or tool missing)."""
 
     reason = "mapper_unavailable"
-
-
-@dataclass(frozen=True)
-class HostPaths:
-    sys: Path = Path("/sys")
-    proc: Path = Path("/proc")
-    dev: Path = Path("/dev")
 
 
 @dataclass(frozen=True)

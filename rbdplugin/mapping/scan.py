@@ -5,14 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from rbdplugin.mapping import HostPaths
+from rbdplugin.host import HostPaths, mounts, read, unescape
 
-
-def read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+# read, mounts and unescape live in rbdplugin.host now; re-exported for existing callers.
+__all__ = ["cmdline", "loop_backing_files", "mounts", "processes", "read", "unescape"]
 
 
 def cmdline(host: HostPaths, pid: int) -> list[str]:
@@ -42,29 +38,4 @@ def loop_backing_files(host: HostPaths) -> dict[str, str]:
         backing = read(entry / "loop" / "backing_file")
         if backing:
             found[f"/dev/{entry.name}"] = backing
-    return found
-
-
-def unescape(field: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    return (
-        field.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )
-
-
-def mounts(host: HostPaths) -> dict[str, tuple[str, str, str]]:
-    """Mount point -> (source, fstype, super options) from /proc/self/mountinfo; last one wins."""
-    found = {}
-    for line in read(host.proc / "self" / "mountinfo").splitlines():
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) >= 5 and len(tail) >= 2:
-            found[unescape(fields[4])] = (
-                unescape(tail[1]),
-                tail[0],
-                tail[2] if len(tail) > 2 else "",
-            )
     return found

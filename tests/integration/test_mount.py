@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -315,6 +316,44 @@ def test_restart_keeps_a_mount_in_use(
     assert not oracle.is_mounted(path)
     # Only the killed daemon's own watch can linger, until Ceph's watch timeout.
     wait_until(lambda: admin.watchers("alpha", name) == [], WATCH_TIMEOUT + 5, "stale watch expiry")
+    second.stop()
+
+
+def _as_before_locators(entry: dict[str, Any]) -> dict[str, Any]:
+    """A mount-table entry as versions before back-end locators wrote it."""
+    old = {k: v for k, v in entry.items() if k not in ("locator", "device")}
+    old.update(entry["locator"])  # pool, namespace, image
+    device = entry["device"]
+    where = device["locator"]
+    old["mapped"] = {"mapper": device["via"], "image": where["spec"], "device": device["path"],
+                     "details": json.loads(where["details"])}  # fmt: skip
+    return old
+
+
+def test_restart_onto_new_code_adopts_mounts_of_an_old_table(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path
+) -> None:
+    state = short_tmp / unique("up") / "state"
+    first = _alpha_daemon(cluster, daemon_factory, state)
+    client, name = first.client("alpha"), unique()
+    assert client.create(name) == {"Err": ""}
+    path = Path(mount(client, name, "c1"))
+    mount(client, name, "c2")
+    device = client.get(name)["Volume"]["Status"]["device"]
+    assert first.stop() == 0  # a clean stop leaves mounts in place
+    table = state / "alpha" / "mounts.json"
+    entries = json.loads(table.read_text())
+    table.write_text(json.dumps({k: _as_before_locators(v) for k, v in entries.items()}))
+    second = _alpha_daemon(cluster, daemon_factory, state)
+    client = second.client("alpha")
+    wait_until(lambda: "mounts" in client.get(name)["Volume"]["Status"], 10, "reconcile")
+    status = client.get(name)["Volume"]["Status"]
+    assert (status["mounts"], status["device"]) == ({"c1": 1, "c2": 1}, device)
+    assert oracle.is_mounted(path)
+    unmount(client, name, "c1")
+    unmount(client, name, "c2")
+    wait_until(lambda: leftovers(second, admin, "alpha", name) == [], 10, "the clean-up")
+    assert json.loads(table.read_text()) == {}
     second.stop()
 
 

@@ -1,0 +1,197 @@
+"""The mount table across an upgrade: entries written before back-ends had locators
+(pool, namespace and image fields, the mapping as ``mapped``) still load, with their
+counts, and the RBD attachment finds and undoes their mappings exactly as before."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import cast
+
+from rbdplugin.backends import VolumeInfo
+from rbdplugin.backends.rbd_attach import RbdAttachment, upgrade_record
+from rbdplugin.config import TenantConfig
+from rbdplugin.lease import Leases
+from rbdplugin.mapping import ImageRef, MappedDevice
+from rbdplugin.mounts import MountTable
+from rbdplugin.spec import VolumeSpec
+
+# Byte for byte what the table wrote before locators (write_json: indent 1, keys sorted):
+# a krbd read-write mount used twice by one ID, a FUSE read-only mount in a namespace
+# that another host took over, and a Mount cut short before anything was mapped.
+OLD_TABLE = """{
+ "half": {
+  "broken": "",
+  "counts": {},
+  "fstype": "",
+  "image": "half",
+  "lost": "",
+  "mapped": null,
+  "mode": "rw",
+  "mountpoint": "/var/lib/rbdplugin/mounts/alpha/half",
+  "namespace": "",
+  "phase": "mapping",
+  "pool": "alpha",
+  "since": "",
+  "volume": "half"
+ },
+ "logs-ro": {
+  "broken": "",
+  "counts": {
+   "c3": 1
+  },
+  "fstype": "xfs",
+  "image": "logs",
+  "lost": "host-b at 2026-11-03T10:00:00Z",
+  "mapped": {
+   "details": {
+    "export": "/var/lib/rbdplugin/exports/beta.team.logs",
+    "pid": 4242
+   },
+   "device": "/dev/loop7",
+   "image": "beta/team/logs",
+   "mapper": "fuse"
+  },
+  "mode": "ro",
+  "mountpoint": "/var/lib/rbdplugin/mounts/alpha/logs-ro",
+  "namespace": "team",
+  "phase": "mounted",
+  "pool": "beta",
+  "since": "2026-11-02T09:00:00Z",
+  "volume": "logs-ro"
+ },
+ "web": {
+  "broken": "",
+  "counts": {
+   "c1": 2,
+   "c2": 1
+  },
+  "fstype": "ext4",
+  "image": "web",
+  "lost": "",
+  "mapped": {
+   "details": {
+    "id": 3
+   },
+   "device": "/dev/rbd3",
+   "image": "alpha/web",
+   "mapper": "krbd"
+  },
+  "mode": "rw",
+  "mountpoint": "/var/lib/rbdplugin/mounts/alpha/web",
+  "namespace": "",
+  "phase": "mounted",
+  "pool": "alpha",
+  "since": "2026-11-02T08:00:00Z",
+  "volume": "web"
+ }
+}"""
+
+TENANT = TenantConfig("alpha", "rbd", "alpha", "", "alpha", Path("/etc/ceph/keyring"))
+WEB_MAPPING = MappedDevice("krbd", "alpha/web", "/dev/rbd3", {"id": 3})
+
+
+class FakeMapper:
+    """Records what the attachment hands the mapper."""
+
+    name = "krbd"
+
+    def __init__(self, found: MappedDevice | None = None) -> None:
+        self.found = found
+        self.unmapped: list[MappedDevice] = []
+        self.asked: list[ImageRef] = []
+
+    async def map(self, image: ImageRef, read_only: bool = False) -> MappedDevice:
+        raise AssertionError("not mapped in these tests")
+
+    async def unmap(self, mapped: MappedDevice) -> None:
+        self.unmapped.append(mapped)
+
+    async def find(self, image: ImageRef) -> MappedDevice | None:
+        self.asked.append(image)
+        return self.found
+
+    async def broken(self, mapped: MappedDevice) -> str | None:
+        return f"checked {mapped}"
+
+
+def _attachment(mapper: FakeMapper) -> RbdAttachment:
+    # Leases are not touched by finding, checking or undoing a mapping.
+    return RbdAttachment(TENANT, Path("/etc/ceph/ceph.conf"), mapper, cast(Leases, None))
+
+
+def _old_table(tmp_path: Path) -> Path:
+    path = tmp_path / "mounts.json"
+    path.write_text(OLD_TABLE)
+    return path
+
+
+def test_an_old_table_loads_with_its_counts(tmp_path: Path) -> None:
+    table = MountTable(_old_table(tmp_path), upgrade=upgrade_record)
+    web, logs, half = table.get("web"), table.get("logs-ro"), table.get("half")
+    assert web is not None and logs is not None and half is not None
+    assert web.locator == {"pool": "alpha", "namespace": "", "image": "web"}
+    assert (web.phase, web.counts, web.references) == ("mounted", {"c1": 2, "c2": 1}, 3)
+    assert (web.fstype, web.mode, web.since) == ("ext4", "rw", "2026-11-02T08:00:00Z")
+    assert web.mountpoint == "/var/lib/rbdplugin/mounts/alpha/web"
+    assert web.device is not None
+    assert (web.device.path, web.device.via) == ("/dev/rbd3", "krbd")
+    assert logs.locator == {"pool": "beta", "namespace": "team", "image": "logs"}
+    assert (logs.mode, logs.lost) == ("ro", "host-b at 2026-11-03T10:00:00Z")
+    assert logs.device is not None and logs.device.path == "/dev/loop7"
+    assert (half.phase, half.device, half.counts) == ("mapping", None, {})
+    assert not (tmp_path / "mounts.json.bad").exists()
+
+
+def test_an_old_entry_undoes_and_checks_the_same_mapping(tmp_path: Path) -> None:
+    table = MountTable(_old_table(tmp_path), upgrade=upgrade_record)
+    mapper = FakeMapper()
+    attachment = _attachment(mapper)
+    web, logs = table.get("web"), table.get("logs-ro")
+    assert web is not None and web.device is not None
+    assert logs is not None and logs.device is not None
+    asyncio.run(attachment.detach(web.device))
+    asyncio.run(attachment.detach(logs.device))
+    fuse = MappedDevice("fuse", "beta/team/logs", "/dev/loop7",
+                        {"export": "/var/lib/rbdplugin/exports/beta.team.logs", "pid": 4242})  # fmt: skip
+    assert mapper.unmapped == [WEB_MAPPING, fuse]
+    assert asyncio.run(attachment.broken(web.device)) == f"checked {WEB_MAPPING}"
+
+
+def test_an_old_entry_finds_its_image_and_matches_a_new_mount(tmp_path: Path) -> None:
+    table = MountTable(_old_table(tmp_path), upgrade=upgrade_record)
+    half = table.get("half")
+    assert half is not None
+    mapper = FakeMapper(found=MappedDevice("krbd", "alpha/half", "/dev/rbd5", {"id": 5}))
+    attachment = _attachment(mapper)
+    found = asyncio.run(attachment.find(half.locator))
+    assert mapper.asked[0].spec == "alpha/half"
+    assert found is not None and (found.path, found.via) == ("/dev/rbd5", "krbd")
+    # A new Mount of the same volume locates the same storage (the one-mount-per-image
+    # check compares locators).
+    spec = VolumeSpec(size=1 << 30, fstype="ext4", pool="alpha", features=())
+    assert attachment.locate(VolumeInfo("half", spec, "alpha/half")) == half.locator
+
+
+def test_an_upgraded_table_is_saved_in_the_new_format(tmp_path: Path) -> None:
+    path = _old_table(tmp_path)
+    table = MountTable(path, upgrade=upgrade_record)
+    web = table.get("web")
+    assert web is not None
+    web.counts["c4"] = 1
+    table.save(web)
+    saved = json.loads(path.read_text())
+    assert all("pool" not in entry and "mapped" not in entry for entry in saved.values())
+    assert saved["web"]["locator"] == {"pool": "alpha", "namespace": "", "image": "web"}
+    again = MountTable(path)  # today's format needs no upgrade
+    assert [r.to_json() for r in again.all()] == [r.to_json() for r in table.all()]
+    assert MountTable(path, upgrade=upgrade_record).get("web") == again.get("web")
+
+
+def test_a_bad_old_entry_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "mounts.json"
+    path.write_text(json.dumps({"junk": {"volume": "junk", "phase": 7}, "odd": "not a record"}))
+    table = MountTable(path, upgrade=upgrade_record)
+    assert table.all() == []
+    assert set(json.loads((tmp_path / "mounts.json.bad").read_text())) == {"junk", "odd"}
