@@ -12,6 +12,9 @@ serve path never imports this package.
     nova.py              the Nova stand-in's HTTP face (aiohttp), run as a process
     compute.py           its logic: token checks, Nova's attach/detach order, BDMs
     disks.py             disk makers: how an attached volume appears in a server
+    qmp.py               a small QMP client (the ``qmp`` disk maker, the kernel tier)
+    bridge.py            run in the kernel tier's guest: its 127.0.0.1:PORT relayed
+                         to the host's loopback services (standard library only)
     keystone_service.py  } run by the OpenStack venv's python as separate
     cinder_service.py    } processes; they import OpenStack, never rbdplugin
     populate.py          }

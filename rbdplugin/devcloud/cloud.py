@@ -41,7 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from rbdplugin.devcloud import venv
-from rbdplugin.devcloud.disks import BY_ID, Disk, HostDiskMaker, HostPlaces
+from rbdplugin.devcloud.disks import (
+    BY_ID,
+    Disk,
+    DiskMaker,
+    HostDiskMaker,
+    HostPlaces,
+    QmpDiskMaker,
+)
 from rbdplugin.devcluster import DevCluster, free_ports
 from rbdplugin.errors import RbdPluginError, VolumeBusy
 from rbdplugin.process import Command, pid_alive, pid_cmdline, run_sync, spawn, stop_pid
@@ -70,7 +77,9 @@ class DevCloudError(RbdPluginError):
 class PretendServer:
     id: str
     name: str
-    disks: str  # "host": its disks appear on this host; "elsewhere": they never do
+    disks: str  # "host": its disks appear on this host; "elsewhere": they never do;
+    # "qmp": they are hot-plugged into the running QEMU listening for QMP at ``qmp``
+    qmp: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,20 +172,28 @@ class DevCloud:
 
     # -- start -----------------------------------------------------------------------------
 
-    def start(self, token_lifetime: int = 3600) -> CloudState:
+    def start(self, token_lifetime: int = 3600, guest_qmp: Path | None = None) -> CloudState:
         """Start (or start again) everything; return once Cinder serves its pool.
+
+        ``guest_qmp``: the pretend server ``vm`` is the QEMU guest with this QMP socket
+        (the ``qmp`` disk maker; the guest may boot later). Kept in DIR/devcloud.json:
+        a later start without it keeps the saved choice.
 
         A start that fails stops what it started (the logs stay in DIR/log)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        qmp = str(guest_qmp.absolute()) if guest_qmp is not None else None
         state = self.state()
-        if state is not None and self._all_running():
+        if state is not None and self._all_running() and (qmp is None or self.server().qmp == qmp):
             log.info("devcloud in %s already runs", self.root)
             return state
         if state is None:
-            state = self._create(token_lifetime)
+            state = self._create(token_lifetime, qmp)
         else:
             self.stop()
-            state = self._save(replace(self._need_state(), token_lifetime=token_lifetime))
+            state = self._need_state()
+            if qmp is not None:
+                state = replace(state, servers=_with_guest(state.servers, qmp))
+            state = self._save(replace(state, token_lifetime=token_lifetime))
         try:
             return self._launch(state)
         except BaseException:
@@ -229,7 +246,7 @@ class DevCloud:
         ceph = self.ceph.running().keys() == {"mon.a", "osd.0"}
         return ceph and self.running().keys() == set(SERVICES)
 
-    def _create(self, token_lifetime: int) -> CloudState:
+    def _create(self, token_lifetime: int, qmp: str | None) -> CloudState:
         if any(self.root.iterdir()):
             raise DevCloudError(
                 f"{self.root} is not empty and holds no devcloud: use an empty or new directory"
@@ -240,10 +257,12 @@ class DevCloud:
         for name in ("admin", "member", "cinder", "nova"):
             _write_secret(self._password_file(name), secrets.token_urlsafe(24) + "\n")
         ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
-        servers = (
+        servers: tuple[PretendServer, ...] = (
             PretendServer(str(uuid.uuid4()), TENANT, "host"),
             PretendServer(str(uuid.uuid4()), "other-vm", "elsewhere"),
         )
+        if qmp is not None:
+            servers = _with_guest(servers, qmp)
         return self._save(CloudState(ports, servers, token_lifetime))
 
     def _password_file(self, name: str) -> Path:
@@ -468,7 +487,13 @@ report_discard_supported = true
             'backend = "cinder"',
             f'cloud = "{CLOUD}"',
             f'clouds_yaml = "{self.clouds_yaml}"',
-            f"# The Nova stand-in's pretend server {vm.name!r}: its disks appear on this host.",
+            f"# The Nova stand-in's pretend server {vm.name!r}: "
+            + (
+                f"its disks appear in the QEMU guest with QMP socket {vm.qmp}\n"
+                "# (serve this config inside that guest; see rbdplugin.devcloud.bridge)."
+                if vm.disks == "qmp"
+                else "its disks appear on this host."
+            ),
             f'server_id = "{vm.id}"',
             "# Without server_id: the config drive, then metadata_url, then the DMI product UUID.",
             '# metadata_url = "http://169.254.169.254/openstack/latest/meta_data.json"',
@@ -510,33 +535,42 @@ report_discard_supported = true
         return True
 
     def power_off(self) -> list[str]:
-        """Remove the disks the pretend server has on this host; return what failed."""
-        maker = HostDiskMaker(
-            HostPlaces(self.ceph.root, self.path("nova", "exports"), self.by_id), timeout=30
-        )
-        disks = {disk.volume_id: disk for disk in self._host_disks()}
+        """Remove the disks the pretend servers have on this host, or in a running QEMU
+        guest (the ``qmp`` maker; nothing to do if it is not running); return what failed."""
+        places = HostPlaces(self.ceph.root, self.path("nova", "exports"), self.by_id)
+        work: list[tuple[DiskMaker, Disk]] = []
+        host = HostDiskMaker(places, timeout=30)
+        work += [(host, disk) for disk in {d.volume_id: d for d in self._host_disks()}.values()]
+        state = self.state()
+        for server in state.servers if state else ():
+            if server.disks == "qmp" and server.qmp:
+                guest = QmpDiskMaker(replace(places, qmp_socket=Path(server.qmp)), timeout=30)
+                work += [(guest, disk) for disk in self._bdm_disks(server.id)]
         problems = []
-        for disk in disks.values():
+        for maker, disk in work:
             try:
                 asyncio.run(maker.unplug(disk))
             except (VolumeBusy, RbdPluginError, OSError) as exc:
                 problems.append(f"volume {disk.volume_id}: {exc}")
         return problems
 
+    def _bdm_disks(self, server_id: str) -> list[Disk]:
+        """Disks of the stand-in's BDMs of one server that got as far as a connection."""
+        bdms = self.path("nova", "state.json")
+        data = json.loads(bdms.read_text()) if bdms.exists() else {}
+        return [
+            Disk(b["volume_id"], b["connection_info"])
+            for b in data.get(server_id, [])
+            if b.get("connection_info")
+        ]
+
     def _host_disks(self) -> list[Disk]:
         """Disks of the stand-in's BDMs on host servers, and leftovers in its exports dir."""
         state = self.state()
         hosts = {s.id for s in state.servers if s.disks == "host"} if state else set()
         found = []
-        bdms = self.path("nova", "state.json")
-        data = json.loads(bdms.read_text()) if bdms.exists() else {}
-        for server_id, entries in data.items():
-            if server_id in hosts:
-                found += [
-                    Disk(b["volume_id"], b["connection_info"])
-                    for b in entries
-                    if b.get("connection_info")
-                ]
+        for server_id in hosts:
+            found += self._bdm_disks(server_id)
         exports = self.path("nova", "exports")
         for export in exports.glob("*/-/volume-*") if exports.is_dir() else []:
             if export.suffix != ".log":
@@ -550,6 +584,7 @@ report_discard_supported = true
             "dir": str(self.root),
             "exists": state is not None,
             "urls": {name: self.url(name) for name in SERVICES} if state else {},
+            "ports": {n: state.ports[n] for n in ("keystone", "cinder", "nova")} if state else {},
             "running": running,
             "stopped": sorted(set(SERVICES) - set(running)) if state else [],
             "ceph": self.ceph.status(),
@@ -560,6 +595,11 @@ report_discard_supported = true
             "last_start_seconds": state.timings if state else {},
             "openstack_venv": str(venv.venv_path()),
         }
+
+
+def _with_guest(servers: tuple[PretendServer, ...], qmp: str) -> tuple[PretendServer, ...]:
+    """The servers with ``vm`` turned into the QEMU guest at QMP socket ``qmp``."""
+    return tuple(replace(s, disks="qmp", qmp=qmp) if s.name == TENANT else s for s in servers)
 
 
 def _leftover(pool: str, image: str) -> Disk:

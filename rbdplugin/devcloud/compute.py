@@ -34,7 +34,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ class ServerSpec:
     name: str
     project_id: str
     disks: str  # a key of disks.DISK_MAKERS
+    qmp: str = ""  # the QMP socket of the server's QEMU (the "qmp" disk maker)
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,11 @@ class Server:
         raise NovaFault(400, f"server {self.spec.id} has no free device name left")
 
 
+def server_places(places: HostPlaces, server: ServerSpec) -> HostPlaces:
+    """``places`` with the server's own QMP socket, if it has one."""
+    return replace(places, qmp_socket=Path(server.qmp)) if server.qmp else places
+
+
 # -- the stand-in ---------------------------------------------------------------------------
 
 
@@ -356,7 +362,8 @@ class Compute:
         self.cinder = cinder
         places = HostPlaces(ceph_dir=spec.ceph_dir, exports=spec.exports, by_id=spec.by_id)
         self.servers = {
-            s.id: Server(s, make_disk_maker(s.disks, places, spec.timeout)) for s in spec.servers
+            s.id: Server(s, make_disk_maker(s.disks, server_places(places, s), spec.timeout))
+            for s in spec.servers
         }
         self.tasks: set[asyncio.Task[None]] = set()
         self.connector_host = socket.gethostname()

@@ -11,25 +11,35 @@ server from :data:`DISK_MAKERS`:
   sent: a plugin on this host finds the link by polling.
 - ``elsewhere``: the server runs on some other host; nothing appears here (for a
   volume attached to another server).
-- (the kernel tier's guest adds ``qmp``: ``blockdev-add`` + ``device_add
-  virtio-blk-pci,serial=<volume id>`` into a running QEMU, and the guest's own udev
-  makes the link.)
+- ``qmp``: the server is a running QEMU (the kernel tier's guest, ``guest/run`` with
+  ``GUEST_QMP_SOCKET``). Over its QMP socket the image becomes a ``blockdev-add``
+  rbd node (QEMU's own librbd client, cephx key handed over as a ``secret`` object)
+  and a ``device_add virtio-blk-pci,serial=<first 20 chars of the volume id>``, as
+  Nova's libvirt driver does; the guest's kernel and udev then make
+  ``/dev/disk/by-id/virtio-<serial>`` inside the guest. Unplugging needs the guest's
+  consent (``device_del`` until ``DEVICE_DELETED``), as on a real cloud.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from rbdplugin.errors import InvalidArgument, VolumeBusy
+from rbdplugin.devcloud import qmp
+from rbdplugin.errors import DeadlineExceeded, InvalidArgument, RbdPluginError, VolumeBusy
 from rbdplugin.mapping import HostPaths, ImageRef
 from rbdplugin.mapping.fuse import FuseMapper
 from rbdplugin.mapping.scan import mounts
 from rbdplugin.process import Runner, run
+
+log = logging.getLogger("devcloud.disks")
 
 BY_ID = Path("/dev/disk/by-id")
 SERIAL_CHARS = 20  # virtio-blk serials are cut to 20 bytes
@@ -87,6 +97,7 @@ class HostPlaces:
     exports: Path  # FUSE export files
     by_id: Path = BY_ID
     host: HostPaths = field(default_factory=HostPaths)
+    qmp_socket: Path | None = None  # the qmp maker's QEMU (per pretend server)
 
 
 class HostDiskMaker:
@@ -162,9 +173,172 @@ class ElsewhereDiskMaker:
         return disk.volume_id in self.plugged
 
 
+class GuestUnavailable(RbdPluginError):
+    """The pretend server's QEMU does not run (no QMP socket, or nobody listens on it)."""
+
+    reason = "guest"
+
+
+class QmpDiskMaker:
+    """The pretend server is a running QEMU: hot-plug the RBD image over QMP.
+
+    One QMP connection per operation (the guest may boot after the devcloud started, or
+    be rebooted in between). QEMU opens the image with its block-rbd module as Ceph
+    user ``auth_username`` of the connection_info, with the dev cluster's ceph.conf; the
+    user's key (from its keyring file here) goes to QEMU as a ``secret`` object that the
+    rbd node names in ``key-secret`` (the conf's ``keyring`` is the admin's)."""
+
+    def __init__(self, places: HostPlaces, timeout: float) -> None:
+        if places.qmp_socket is None:
+            raise InvalidArgument("the qmp disk maker needs the QEMU's QMP socket path")
+        self.socket = places.qmp_socket
+        self.ceph_dir = places.ceph_dir
+        self.timeout = timeout
+
+    # -- names --------------------------------------------------------------------------
+
+    @staticmethod
+    def device_id(disk: Disk) -> str:
+        return f"vol-{disk.volume_id}"
+
+    @staticmethod
+    def node_name(disk: Disk) -> str:
+        # Block node names are at most 31 characters: a digest of the volume id.
+        return "rbd-" + hashlib.sha256(disk.volume_id.encode()).hexdigest()[:24]
+
+    @staticmethod
+    def secret_id(disk: Disk) -> str:
+        return f"cephx-{disk.volume_id}"
+
+    @staticmethod
+    def serial(disk: Disk) -> str:
+        return disk.volume_id[:SERIAL_CHARS]
+
+    def blockdev(self, disk: Disk) -> dict[str, Any]:
+        pool, _, rest = disk.image_spec.partition("/")
+        namespace, _, image = rest.rpartition("/")
+        options: dict[str, Any] = {
+            "driver": "rbd",
+            "node-name": self.node_name(disk),
+            "pool": pool,
+            "image": image,
+            "conf": str(self.ceph_dir / "ceph.conf"),
+            "user": disk.ceph_user,
+            "key-secret": self.secret_id(disk),
+            "discard": "unmap",
+        }
+        if namespace:
+            options["namespace"] = namespace
+        return options
+
+    def key(self, user: str) -> str:
+        keyring = self.ceph_dir / f"ceph.client.{user}.keyring"
+        try:
+            text = keyring.read_text()
+        except OSError as exc:
+            raise InvalidArgument(f"no keyring for Ceph user {user!r}: {exc}") from exc
+        for line in text.splitlines():
+            name, sep, value = line.partition("=")
+            if sep and name.strip() == "key":
+                return value.strip()
+        raise InvalidArgument(f"{keyring} holds no key")
+
+    # -- QMP ----------------------------------------------------------------------------
+
+    def _session(self) -> qmp.Qmp:
+        if not self.socket.exists():
+            raise GuestUnavailable(
+                f"the pretend server's QEMU is not running: no QMP socket {self.socket} "
+                f"(boot it with GUEST_QMP_SOCKET={self.socket} guest/run ...)"
+            )
+        try:
+            return qmp.Qmp(self.socket, timeout=self.timeout)
+        except (OSError, qmp.QmpError) as exc:
+            raise GuestUnavailable(
+                f"the pretend server's QEMU does not answer on {self.socket}: {exc}"
+            ) from exc
+
+    def _plug(self, disk: Disk) -> str:
+        device, node, secret = self.device_id(disk), self.node_name(disk), self.secret_id(disk)
+        options = self.blockdev(disk)  # refuses a non-rbd connection before QEMU is asked
+        key = self.key(disk.ceph_user)
+        with self._session() as session:
+            try:
+                if device in qmp.device_ids(session):
+                    return ""
+                if secret not in qmp.object_ids(session):
+                    session.command("object-add", **{"qom-type": "secret", "id": secret,
+                                                     "data": key, "format": "base64"})  # fmt: skip
+                if node not in qmp.block_nodes(session):
+                    session.command("blockdev-add", **options)
+                session.command("device_add", driver="virtio-blk-pci", id=device, drive=node,
+                                serial=self.serial(disk))  # fmt: skip
+            except qmp.QmpError as exc:
+                with contextlib.suppress(qmp.QmpError, OSError):
+                    self._release(session, disk)
+                raise RbdPluginError(
+                    f"volume {disk.volume_id}: QEMU refused the hot-plug: {exc}"
+                ) from exc
+        log.info("volume %s plugged into the QEMU at %s as %s (serial %s)",
+                 disk.volume_id, self.socket, device, self.serial(disk))  # fmt: skip
+        return ""
+
+    def _release(self, session: qmp.Qmp, disk: Disk) -> None:
+        """Free the block node and the secret once no device uses them."""
+        if self.node_name(disk) in qmp.block_nodes(session):
+            session.command("blockdev-del", **{"node-name": self.node_name(disk)})
+        if self.secret_id(disk) in qmp.object_ids(session):
+            session.command("object-del", id=self.secret_id(disk))
+
+    def _unplug(self, disk: Disk) -> None:
+        try:
+            session = self._session()
+        except GuestUnavailable as exc:
+            log.info("volume %s: nothing to unplug, %s", disk.volume_id, exc)
+            return  # no QEMU, no disk
+        with session:
+            try:
+                qmp.delete_device(session, self.device_id(disk), self.timeout)
+            except qmp.QmpError as exc:
+                if self.device_id(disk) in qmp.device_ids(session):
+                    raise DeadlineExceeded(
+                        f"volume {disk.volume_id}: the guest did not let the disk go: {exc}"
+                    ) from exc
+                raise RbdPluginError(f"volume {disk.volume_id}: unplug failed: {exc}") from exc
+            try:
+                self._release(session, disk)
+            except qmp.QmpError as exc:
+                raise RbdPluginError(
+                    f"volume {disk.volume_id}: QEMU did not free the image: {exc}"
+                ) from exc
+        log.info("volume %s unplugged from the QEMU at %s", disk.volume_id, self.socket)
+
+    def _present(self, disk: Disk) -> bool:
+        try:
+            session = self._session()
+        except GuestUnavailable:
+            return False
+        with session:
+            return self.device_id(disk) in qmp.device_ids(session)
+
+    # -- DiskMaker ----------------------------------------------------------------------
+
+    async def plug(self, disk: Disk) -> str:
+        """Hot-plug; returns "" (the device path is only known inside the guest, where
+        udev links it as /dev/disk/by-id/virtio-<serial>)."""
+        return await asyncio.to_thread(self._plug, disk)
+
+    async def unplug(self, disk: Disk) -> None:
+        await asyncio.to_thread(self._unplug, disk)
+
+    async def present(self, disk: Disk) -> bool:
+        return await asyncio.to_thread(self._present, disk)
+
+
 DISK_MAKERS: dict[str, Callable[[HostPlaces, float], DiskMaker]] = {
     "host": HostDiskMaker,
     "elsewhere": lambda _places, _timeout: ElsewhereDiskMaker(),
+    "qmp": QmpDiskMaker,
 }
 
 

@@ -9,6 +9,7 @@ the Nova stand-in's guest disk maker. Standard library only (QMP is JSON lines).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -26,9 +27,14 @@ class Qmp:
     """One QMP session; commands run one at a time, events are kept for waiters."""
 
     def __init__(self, path: Path, timeout: float = 30) -> None:
+        self._timeout = timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
-        self._sock.connect(str(path))
+        try:
+            self._sock.connect(str(path))
+        except OSError:
+            self._sock.close()
+            raise
         self._buffer = b""
         self.events: list[dict[str, Any]] = []
         self._message()  # the greeting
@@ -70,14 +76,65 @@ class Qmp:
     def wait_event(self, name: str, device: str, seconds: float) -> None:
         """Wait for event ``name`` about ``device`` (e.g. DEVICE_DELETED after device_del)."""
         deadline = time.monotonic() + seconds
-        while not any(_about(e, name, device) for e in self.events):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QmpError(f"no {name} for {device} within {seconds:.0f} s")
-            self._sock.settimeout(left)
-            message = self._message()
-            if "event" in message:
-                self.events.append(message)
+        try:
+            while not any(_about(e, name, device) for e in self.events):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise QmpError(f"no {name} for {device} within {seconds:.0f} s")
+                self._sock.settimeout(left)
+                try:
+                    message = self._message()
+                except TimeoutError:
+                    continue  # the deadline check above reports it
+                if "event" in message:
+                    self.events.append(message)
+        finally:
+            self._sock.settimeout(self._timeout)
+
+
+def children(qmp: Qmp, path: str) -> set[str]:
+    """Names of the QOM children of ``path`` (``/machine/peripheral``: device ids given
+    with ``device_add id=...``; ``/objects``: ``object-add`` ids)."""
+    entries = qmp.command("qom-list", path=path)
+    return {e["name"] for e in entries if str(e.get("type", "")).startswith("child<")}
+
+
+def device_ids(qmp: Qmp) -> set[str]:
+    """Ids of the devices added with an ``id`` (command line or ``device_add``)."""
+    return children(qmp, "/machine/peripheral")
+
+
+def object_ids(qmp: Qmp) -> set[str]:
+    return children(qmp, "/objects")
+
+
+def block_nodes(qmp: Qmp) -> set[str]:
+    """Node names of the block graph (``blockdev-add`` ones and QEMU's own)."""
+    nodes = qmp.command("query-named-block-nodes", flat=True)
+    return {n["node-name"] for n in nodes if n.get("node-name")}
+
+
+def delete_device(qmp: Qmp, device_id: str, seconds: float) -> None:
+    """``device_del`` and wait until the guest let it go; nothing to do if it is gone.
+
+    QmpError if it is still there after ``seconds`` (the unplug request stays pending:
+    a guest may still release it later)."""
+    if device_id not in device_ids(qmp):
+        return
+    try:
+        qmp.command("device_del", id=device_id)
+    except QmpError as exc:
+        if device_id not in device_ids(qmp):
+            return  # gone in between
+        if "in the process of unplug" not in str(exc):
+            raise
+    deadline = time.monotonic() + seconds
+    while device_id in device_ids(qmp):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise QmpError(f"the guest did not release device {device_id} within {seconds:.0f} s")
+        with contextlib.suppress(QmpError):
+            qmp.wait_event("DEVICE_DELETED", device_id, min(left, 1.0))
 
 
 def _about(event: dict[str, Any], name: str, device: str) -> bool:
