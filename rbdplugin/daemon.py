@@ -52,23 +52,40 @@ DRAIN_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class Parts:
-    """What a tenant's back-end is built from: the host's shared pieces and its Ceph."""
+    """What a tenant's back-end is built from: the host's shared pieces."""
 
     config: Config
     tenant: TenantConfig
-    client: CephClient
+    state: Path  # the tenant's own state directory
     me: HostIdentity
-    mapper: Mapper
+    mapper: Mapper | None  # None when no tenant of this daemon uses RBD
     metrics: Metrics
 
 
-def build_backend(parts: Parts) -> tuple[VolumeBackend, Attachment]:
-    """The one place a tenant's back-end is chosen (RBD now; Cinder joins here): its
-    storage face and its attachment face."""
+async def build_backend(parts: Parts) -> tuple[VolumeBackend, Attachment]:
+    """The one place a tenant's back-end is chosen: its storage face and its
+    attachment face (one object for Cinder, two for RBD)."""
     daemon, tenant = parts.config.daemon, parts.tenant
-    leases = Leases(parts.client, parts.me, tenant.takeover, daemon.fence_seconds, parts.metrics)
+    if tenant.backend == "cinder":
+        # Imported here: openstacksdk is an optional extra, loaded only for Cinder tenants.
+        try:
+            from rbdplugin.backends.cinder import build_cinder  # noqa: PLC0415
+        except ImportError as exc:
+            raise ConfigError(
+                f'tenants.{tenant.name}: backend = "cinder" needs openstacksdk ({exc}); '
+                "install it with: pip install 'rbdplugin[cinder]'"
+            ) from exc
+
+        cinder = await build_cinder(tenant, daemon.op_timeout)
+        return cinder, cinder
+    assert parts.mapper is not None  # noqa: S101 - built whenever an RBD tenant exists
+    client = CephClient(
+        parts.config.ceph, tenant, deadline=daemon.op_timeout,
+        address_file=parts.state / "client-address.json",
+    )  # fmt: skip
+    leases = Leases(client, parts.me, tenant.takeover, daemon.fence_seconds, parts.metrics)
     attachment = RbdAttachment(tenant, parts.config.ceph.conf, parts.mapper, leases)
-    return RbdBackend(parts.client, tenant), attachment
+    return RbdBackend(client, tenant), attachment
 
 
 def bind_unix(path: Path) -> socket.socket:
@@ -123,8 +140,12 @@ class Daemon:
         for path in (daemon.state_dir, daemon.mount_root):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.host_uuid = host_uuid(daemon.state_dir)
-        mapper = build_mapper(daemon.mapper, run, self.host, daemon.state_dir, daemon.op_timeout)
-        self.mapper = mapper
+        # Cinder tenants attach through Nova: a daemon serving only those maps nothing.
+        if any(t.backend == "rbd" for t in self.config.tenants):
+            self.mapper = build_mapper(
+                daemon.mapper, run, self.host, daemon.state_dir, daemon.op_timeout
+            )
+        mapper = self.mapper
         try:
             for tenant in self.config.tenants:
                 self.drivers.append(await self._start_driver(tenant, mapper))
@@ -142,7 +163,7 @@ class Daemon:
             daemon.host_id,
         )
 
-    async def _start_driver(self, tenant: TenantConfig, mapper: Mapper) -> Driver:
+    async def _start_driver(self, tenant: TenantConfig, mapper: Mapper | None) -> Driver:
         # Bind first: a second daemon on the same sockets must fail before it touches
         # Ceph, mounts or the state (it would otherwise fence the live one's address).
         path = self.config.daemon.socket_dir / f"{tenant.driver}.sock"
@@ -169,16 +190,12 @@ class Daemon:
             raise
         return Driver(tenant, service, runner, path, CephProbe(service))
 
-    async def _build_service(self, tenant: TenantConfig, mapper: Mapper) -> VolumeService:
+    async def _build_service(self, tenant: TenantConfig, mapper: Mapper | None) -> VolumeService:
         daemon = self.config.daemon
         state = daemon.state_dir / tenant.name
-        client = CephClient(
-            self.config.ceph, tenant, deadline=daemon.op_timeout,
-            address_file=state / "client-address.json",
-        )  # fmt: skip
         me = HostIdentity(daemon.host_id, self.host_uuid)
-        parts = Parts(self.config, tenant, client, me, mapper, self.metrics)
-        backend, attachment = build_backend(parts)
+        parts = Parts(self.config, tenant, state, me, mapper, self.metrics)
+        backend, attachment = await build_backend(parts)
         attacher = Attacher(
             tenant=tenant, mount_root=daemon.mount_root,
             filesystems=Filesystems(run, self.host, daemon.op_timeout), backend=backend,
@@ -212,11 +229,13 @@ class Daemon:
         drivers: dict[str, Any] = {}
         for driver in self.drivers:
             listening = socket_answers(driver.socket_path)
-            ceph = await driver.probe.check()
+            reached = await driver.probe.check()
             reconciled = driver.service.ready
+            # Ceph for RBD tenants; Keystone and Cinder for Cinder tenants.
+            where = "openstack" if driver.tenant.backend == "cinder" else "ceph"
             drivers[driver.tenant.driver] = {
-                "socket": str(driver.socket_path), "listening": listening, "ceph": ceph,
-                "reconciled": reconciled, "ready": listening and ceph == "up" and reconciled,
+                "socket": str(driver.socket_path), "listening": listening, where: reached,
+                "reconciled": reconciled, "ready": listening and reached == "up" and reconciled,
             }  # fmt: skip
         ready = bool(drivers) and all(d["ready"] for d in drivers.values())
         return {"ready": ready, "drivers": drivers}
@@ -232,7 +251,10 @@ class Daemon:
                                   record.references, size, used, bool(record.broken))
                 )  # fmt: skip
         connected = {d.tenant.name: d.service.backend.connected for d in self.drivers}
-        return Snapshot(mounted, [d.tenant.name for d in self.drivers], connected)
+        cinder = {d.tenant.name for d in self.drivers if d.tenant.backend == "cinder"}
+        ceph = {name: up for name, up in connected.items() if name not in cinder}
+        openstack = {name: up for name, up in connected.items() if name in cinder}
+        return Snapshot(mounted, [d.tenant.name for d in self.drivers], ceph, openstack)
 
     async def status(self) -> dict[str, Any]:
         volumes = []

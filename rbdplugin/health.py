@@ -28,7 +28,8 @@ Status = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class CephProbe:
-    """Asks a tenant's Ceph connection for one cheap OSD answer; one probe in flight."""
+    """Asks a tenant's back-end for one cheap answer (Ceph: an OSD; Cinder mode: Keystone
+    and Cinder); one probe in flight."""
 
     def __init__(self, service: VolumeService) -> None:
         self.service = service
@@ -41,7 +42,7 @@ class CephProbe:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), PROBE_SECONDS)
         except TimeoutError:
-            return f"down: no answer from Ceph within {PROBE_SECONDS:.0f} s"
+            return f"down: no answer from {self.service.where} within {PROBE_SECONDS:.0f} s"
         except RbdPluginError as exc:
             return f"down: {exc}"
         return "up"

@@ -25,11 +25,19 @@ class VolumeLock:
 
 
 def tenants_for(config: Config, driver: str | None) -> tuple[TenantConfig, ...]:
+    """The RBD tenants to look at: leases are RBD's (in Cinder mode, Cinder's attachment
+    is the lock: ``openstack volume show`` names the server holding a volume)."""
+    rbd = tuple(t for t in config.tenants if t.backend == "rbd")
     if driver is None:
-        return config.tenants
-    found = tuple(t for t in config.tenants if t.driver == driver)
+        return rbd
+    found = tuple(t for t in rbd if t.driver == driver)
     if not found:
-        valid = ", ".join(t.driver for t in config.tenants)
+        if any(t.driver == driver for t in config.tenants):
+            raise ConfigError(
+                f"driver {driver!r} is a Cinder-mode tenant: it has no leases; Cinder's "
+                "attachment is its lock (openstack volume show VOLUME names the server)"
+            )
+        valid = ", ".join(t.driver for t in rbd)
         raise ConfigError(f"no driver {driver!r} in the config; drivers: {valid}")
     return found
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -92,7 +92,9 @@ class Snapshot:
 
     mounted: list[MountedVolume]
     tenants: list[str]
-    ceph_connected: dict[str, bool]
+    ceph_connected: dict[str, bool]  # RBD tenants: their Ceph connection
+    # Cinder tenants: whether their last call reached Keystone and Cinder.
+    openstack_connected: dict[str, bool] = field(default_factory=dict)
 
 
 class StateCollector(Collector):
@@ -122,12 +124,18 @@ class StateCollector(Collector):
         ceph = GaugeMetricFamily("rbdplugin_ceph_connected",
                                  "1 if the tenant's Ceph connection is up",
                                  labels=["tenant"])  # fmt: skip
+        openstack = GaugeMetricFamily("rbdplugin_openstack_connected",
+                                      "1 if a Cinder-mode tenant's last call reached OpenStack",
+                                      labels=["tenant"])  # fmt: skip
         per_mapper: dict[str, int] = {}
         for tenant in snap.tenants:
             mine = [m for m in snap.mounted if m.tenant == tenant]
             mounted.add_metric([tenant], len(mine))
             refs.add_metric([tenant], sum(m.references for m in mine))
-            ceph.add_metric([tenant], 1 if snap.ceph_connected.get(tenant) else 0)
+            if tenant in snap.openstack_connected:
+                openstack.add_metric([tenant], 1 if snap.openstack_connected[tenant] else 0)
+            else:
+                ceph.add_metric([tenant], 1 if snap.ceph_connected.get(tenant) else 0)
         for m in snap.mounted:
             per_mapper[m.mapper] = per_mapper.get(m.mapper, 0) + 1
             broken.add_metric([m.tenant, m.volume], 1 if m.broken else 0)
@@ -136,4 +144,4 @@ class StateCollector(Collector):
                 used.add_metric([m.tenant, m.volume], m.fs_used)
         for mapper, count in sorted(per_mapper.items()):
             mapped.add_metric([mapper], count)
-        yield from (mounted, refs, mapped, size, used, broken, ceph)
+        yield from (mounted, refs, mapped, size, used, broken, ceph, openstack)

@@ -26,17 +26,28 @@ from rbdplugin.errors import (
     InvalidArgument,
     LeaseConflict,
     NotFound,
+    OpenStackUnavailable,
     QuotaExceeded,
     RbdPluginError,
     VolumeBusy,
 )
 from rbdplugin.metrics import Metrics
-from rbdplugin.spec import CreateRequest, Defaults, incompatibilities, parse_create, validate_name
+from rbdplugin.spec import (
+    CINDER_OPTIONS,
+    OPTIONS,
+    CreateRequest,
+    Defaults,
+    incompatibilities,
+    parse_create,
+    validate_name,
+)
 from rbdplugin.state import KnownVolumes
-from rbdplugin.units import format_size
+from rbdplugin.units import GiB, format_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Where volumes live cannot be reached right now: Get and List answer from local state.
+UNREACHABLE = (CephUnavailable, OpenStackUnavailable)
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ class VolumeService:
         lease_check_seconds: float = 5.0,
     ) -> None:
         self.tenant = tenant
+        # Where this tenant's volumes live, for messages and Get's status.
+        self.where = "OpenStack" if tenant.backend == "cinder" else "Ceph"
         self.backend = backend
         self.attacher = attacher
         self.metrics = metrics
@@ -85,6 +98,10 @@ class VolumeService:
             pool=tenant.pool,
             pools=tenant.pools,
             features=tenant.features,
+            options=CINDER_OPTIONS if tenant.backend == "cinder" else OPTIONS,
+            volume_type=tenant.cinder.volume_type if tenant.cinder else "",
+            availability_zone=tenant.cinder.availability_zone if tenant.cinder else "",
+            size_step=GiB if tenant.backend == "cinder" else 1,
         )
 
     # -- per-volume serialisation --------------------------------------------------------
@@ -192,7 +209,7 @@ class VolumeService:
             )
             await self.backend.adopt(request)
             info = await self.backend.inspect(info.name)
-        problems = incompatibilities(request, info.spec)
+        problems = incompatibilities(request, info.spec, self.defaults.size_step)
         if problems:
             raise Conflict(
                 f"volume {request.name!r} already exists ({info.location}) and differs: "
@@ -276,12 +293,18 @@ class VolumeService:
         except NotFound as exc:
             self.known.forget(name)
             raise NotFound(f"volume {name!r} does not exist (driver {self.tenant.driver})") from exc
-        except CephUnavailable as exc:
+        except UNREACHABLE as exc:
             cached = self.known.get(name)
             if cached is None:
                 raise
-            log.warning("volume %s: Ceph unreachable, answering Get from local state", name)
-            status = {**cached, "ceph": f"unreachable: {exc}", **self._mount_status(name)}
+            log.warning(
+                "volume %s: %s unreachable, answering Get from local state", name, self.where
+            )
+            status = {
+                **cached,
+                self.where.lower(): f"unreachable: {exc}",
+                **self._mount_status(name),
+            }
             return VolumeView(name, self.path(name), status)
         status = self._status(info)
         self.known.remember(name, status)
@@ -330,9 +353,11 @@ class VolumeService:
     async def list(self) -> list[VolumeView]:
         try:
             names = await self.backend.names()
-        except CephUnavailable:
+        except UNREACHABLE:
             log.warning(
-                "driver %s: Ceph unreachable, answering List from local state", self.tenant.driver
+                "driver %s: %s unreachable, answering List from local state",
+                self.tenant.driver,
+                self.where,
             )
             names = self.known.names()
         else:
@@ -356,6 +381,12 @@ class VolumeService:
             "created_at": info.created_at,
             "created_by": info.created_by,
         }
+        if self.tenant.backend == "cinder":  # no pool or RBD features: Cinder's own terms
+            del status["pool"], status["image"], status["features"]
+            status["cinder_volume"] = info.location.removeprefix("cinder/")
+            status.update(volume_type=spec.volume_type, availability_zone=spec.availability_zone)
+        if info.notes:
+            status["notes"] = list(info.notes)
         if self.tenant.namespace:
             status["namespace"] = self.tenant.namespace
         if spec.mkfs_options:
@@ -449,6 +480,11 @@ class VolumeService:
         if info is None or info.spec.source:
             return
         live = [h for h in await self.attacher.holders(info) if h.alive]
+        if live and self.tenant.backend == "cinder":  # holders are servers, Nova attached
+            raise VolumeBusy(
+                f"volume {name!r} is attached to server {', '.join(h.host for h in live)}; "
+                "unmount it there (stop the containers using it) first"
+            )
         if live:
             where = "; ".join(f"{h.access} on host {h.host} since {h.since}" for h in live)
             raise VolumeBusy(

@@ -121,6 +121,9 @@ class Defaults:
     options: Mapping[str, str] = field(default_factory=lambda: OPTIONS)
     volume_type: str = ""
     availability_zone: str = ""
+    # Sizes the back-end allocates in (Cinder: whole GiB); a Create asking for less
+    # matches a volume of the rounded-up size.
+    size_step: int = 1
 
 
 def shown(name: str) -> str:
@@ -579,11 +582,15 @@ def parse_mount_options(name: str, text: str) -> tuple[str, ...]:
     return tuple(options)
 
 
-def incompatibilities(request: CreateRequest, existing: VolumeSpec) -> list[str]:
-    """What an explicit Create option asks for that the existing volume does not have."""
+def incompatibilities(
+    request: CreateRequest, existing: VolumeSpec, size_step: int = 1
+) -> list[str]:
+    """What an explicit Create option asks for that the existing volume does not have.
+    Sizes compare after rounding up to ``size_step`` (Cinder's whole GiB)."""
     wanted, found = request.spec, existing
+    rounded = -(-wanted.size // size_step) * size_step
     checks = {
-        "size": (wanted.size, found.size, format_size),
+        "size": (rounded, found.size, format_size),
         "fstype": (wanted.fstype, found.fstype, str),
         "pool": (wanted.pool, found.pool, str),
         "features": (wanted.features, found.features, ",".join),
@@ -591,6 +598,8 @@ def incompatibilities(request: CreateRequest, existing: VolumeSpec) -> list[str]
         "mount-options": (wanted.mount_options, found.mount_options, ",".join),
         "source": (wanted.source, found.source, str),
         "access": (wanted.access, found.access, str),
+        "volume-type": (wanted.volume_type, found.volume_type, str),
+        "availability-zone": (wanted.availability_zone, found.availability_zone, str),
     }
     problems = []
     for key, (want, have, show) in checks.items():

@@ -40,8 +40,11 @@ class VolumeInfo:
     # even if it reads as blank; ``unformat_hint`` says how an operator clears the mark.
     formatted: str = ""
     unformat_hint: str = ""
-    # Ceph clients that have the image open (a mapping anywhere shows here).
+    # Ceph clients that have the image open (a mapping anywhere shows here), or the
+    # servers a Cinder volume is attached to.
     watchers: tuple[str, ...] = ()
+    # What Get should say about it beyond its spec (e.g. a size rounded up by Cinder).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

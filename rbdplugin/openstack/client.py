@@ -387,6 +387,21 @@ class OpenStackClient:
             raise Conflict(f"several Cinder volumes carry {dict(metadata)}: {ids}")
         return found[0] if found else None
 
+    def set_metadata(self, volume_id: str, values: Mapping[str, str]) -> None:
+        """Set (add or replace) metadata keys of the volume; Cinder allows it while in use."""
+        with self.errors.calling(CINDER, f"updating volume {volume_id}'s metadata"):
+            response = self._cinder().post(
+                f"/volumes/{volume_id}/metadata", json={"metadata": dict(values)}
+            )
+            self._json(response)
+
+    def unset_metadata(self, volume_id: str, key: str) -> None:
+        """Remove one metadata key of the volume (no error if it is absent)."""
+        with self.errors.calling(CINDER, f"updating volume {volume_id}'s metadata"):
+            response = self._cinder().delete(f"/volumes/{volume_id}/metadata/{key}")
+            if response.status_code != 404:
+                sdk.raise_from_response(response)
+
     def volume_failure(self, volume_id: str) -> str:
         """Cinder's user messages about ``volume_id``, newest first ('' if none)."""
         with self.errors.calling(CINDER, f"reading Cinder's messages about volume {volume_id}"):

@@ -25,12 +25,14 @@ suite() {
 
 # The hot-plug test asks the host for a disk through this folder (test_hotplug_inside.py).
 export RBDPLUGIN_HOTPLUG_DIR=/out/hotplug
+# The Cinder-mode test finds the host's devcloud (clouds.yaml, ports) here (test_cinder_inside.py).
+export RBDPLUGIN_CINDER_DIR=/out/cinder
 # Each krbd map costs seconds under TCG: a few race rounds prove the same thing here.
 export RBDPLUGIN_RACE_ROUNDS=4
 # Everything runs several times slower under TCG (8 parallel rbd-nbd maps take >25 s).
 export RBDPLUGIN_TEST_OP_TIMEOUT=60
 status=0
-suites=${*:-kernel krbd-mount krbd-faults nbd krbd-locks krbd-docker}
+suites=${*:-kernel krbd-mount krbd-faults nbd krbd-locks krbd-docker cinder}
 for s in $suites; do
     case $s in
     # udev (map, hot-plug) and the kernel's own fencing checks: one run, one cluster.
@@ -47,6 +49,8 @@ for s in $suites; do
         "keeps_data or counts_per_id or parallel_mounts_of_one or restart_keeps or prefixes or crash_of_the_holder or frozen_holder" ;;
     krbd-locks) suite krbd-locks krbd -m "not fuse_only" tests/integration/test_locks.py ;;
     krbd-docker) suite krbd-docker krbd tests/e2e/test_journeys.py -k "test_2_" ;;
+    # Cinder mode: Nova's attach hot-plugs a virtio disk into this guest through QMP.
+    cinder) suite cinder krbd tests/kernel/test_cinder_inside.py ;;
     *) echo "unknown suite $s" >&2; status=2 ;;
     esac
 done

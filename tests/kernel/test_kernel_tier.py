@@ -11,12 +11,17 @@ and the path of the guest's console log are kept in RBDPLUGIN_KERNEL_LOGS.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,6 +41,7 @@ SUITES = {
     "nbd": 7,
     "krbd-locks": 5,
     "krbd-docker": 1,
+    "cinder": 1,
 }
 GUEST_DEADLINE = 40 * 60
 
@@ -55,10 +61,12 @@ def guest_run() -> Path:
     stop = threading.Event()
     plugger = threading.Thread(target=serve_hotplug, args=(exchange, qmp, stop), daemon=True)
     plugger.start()
-    with (out / "guest-run.log").open("w") as log:
+    with devcloud_for_guest(out, qmp) as ports, (out / "guest-run.log").open("w") as log:
+        forwards = [f"--forward={port}" for port in ports]
         try:
             done = subprocess.run(
-                [str(ROOT / "guest" / "run"), "--out", str(out), "sh", "/src/tests/kernel/inside.sh",
+                [str(ROOT / "guest" / "run"), *forwards, "--out", str(out),
+                 "sh", "/src/tests/kernel/inside.sh",
                  *os.environ.get("RBDPLUGIN_KERNEL_SUITES", "").split()],
                 stdout=log, stderr=subprocess.STDOUT, timeout=GUEST_DEADLINE, check=False, env=env,
             )  # fmt: skip
@@ -72,6 +80,41 @@ def guest_run() -> Path:
         pytest.fail(f"the kernel-tier guest failed (exit {done.returncode}); see {out}:\n"
                     f"{text[-3000:]}", pytrace=False)  # fmt: skip
     return out
+
+
+@contextlib.contextmanager
+def devcloud_for_guest(out: Path, qmp: Path) -> Iterator[list[int]]:
+    """A devcloud on the host whose pretend server ``vm`` is the guest (its disks are
+    hot-plugged through ``qmp``), for tests/kernel/test_cinder_inside.py; yields the
+    service ports the guest must reach. Its clouds.yaml and ``cloud.json`` go to
+    ``out/cinder`` (the guest's /out/cinder); the secret is deleted after the run. If it
+    cannot start, ``out/cinder/error`` says why and the guest's Cinder suite fails."""
+    exchange = out / "cinder"
+    exchange.mkdir()
+    root = Path(tempfile.mkdtemp(prefix="rbdp-kc-", dir="/tmp"))
+    devcloud = [sys.executable, "-m", "rbdplugin", "devcloud"]
+    ports: list[int] = []
+    try:
+        done = subprocess.run([*devcloud, "start", "--dir", str(root), "--guest-qmp", str(qmp)],
+                              capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+        if done.returncode != 0:
+            (exchange / "error").write_text(done.stderr[-3000:])
+        else:
+            state = json.loads((root / "devcloud.json").read_text())
+            ports = [int(port) for port in state["ports"].values()]
+            server = next(s["id"] for s in state["servers"] if s["name"] == "vm")
+            shutil.copy(root / "clouds.yaml", exchange / "clouds.yaml")
+            (exchange / "cloud.json").write_text(
+                json.dumps({"server_id": server, "ports": state["ports"]})
+            )
+        yield ports
+    finally:
+        (exchange / "clouds.yaml").unlink(missing_ok=True)  # the credential's secret
+        subprocess.run([*devcloud, "stop", "--dir", str(root)], capture_output=True,
+                       timeout=300, check=False)  # fmt: skip
+        if (root / "log").is_dir():
+            shutil.copytree(root / "log", out / "devcloud-logs", dirs_exist_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def serve_hotplug(exchange: Path, qmp: Path, stop: threading.Event) -> None:
