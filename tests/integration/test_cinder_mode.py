@@ -390,3 +390,22 @@ def test_readyz_checks_keystone_and_cinder(
                   outcome="ok") >= 1  # fmt: skip
     assert client.call("VolumeDriver.Unmount", {"Name": name, "ID": "c"}) == {"Err": ""}
     assert client.remove(name) == {"Err": ""}
+
+
+def test_remove_policy_keep_hides_the_volume_and_says_how_to_bring_it_back(
+    cloud: Cloud, daemon_factory: StartDaemon, short_tmp: Path
+) -> None:
+    root = short_tmp / unique("keep")
+    daemon = daemon_factory(cinder_toml(cloud, remove_policy="keep"), wait_for=DRIVER,
+                            state_dir=str(root / "state"), mount_root=str(root / "mounts"))  # fmt: skip
+    client, name = daemon.client(DRIVER), unique("kept")
+    assert client.create(name) == {"Err": ""}
+    volume_id = cloud.volume(name)["id"]  # type: ignore[index]
+    assert client.remove(name) == {"Err": ""}
+    assert name not in client.names() and cloud.volume(name) is None  # out of Docker's sight
+    kept = cloud.admin.block_storage.get_volume(volume_id)
+    assert kept.status == "available" and kept.metadata["rbdplugin.volume"].startswith(name + "~")
+    err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})["Err"]
+    print(f"\nkept: {err}")
+    assert f"kept as Cinder volume {volume_id}" in err, err
+    cloud.admin.block_storage.delete_volume(volume_id)

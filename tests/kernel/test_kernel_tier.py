@@ -37,8 +37,8 @@ RUNS_KEPT = 10
 SUITES = {
     "kernel": 5,
     "krbd-mount": 9,
-    "krbd-faults": 9,
-    "nbd": 7,
+    "krbd-faults": 6,
+    "nbd": 6,
     "krbd-locks": 5,
     "krbd-docker": 1,
     "cinder": 1,
