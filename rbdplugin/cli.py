@@ -140,12 +140,16 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2))
         return 0 if status["health"]["ready"] else 3
     health = status["health"]
-    print(f"host {status['host_id']}, mapper {status['mapper']}, "
+    mapper = f"mapper {status['mapper']}" if status["mapper"] else "no mapper (Cinder mode only)"
+    print(f"host {status['host_id']}, {mapper}, "
           f"{'ready' if health['ready'] else 'NOT READY'}")  # fmt: skip
     for driver, state in health["drivers"].items():
         listening = "listening" if state["listening"] else "NOT LISTENING"
         starting = "" if state.get("reconciled", True) else ", STILL RECONCILING"
-        print(f"  driver {driver}: {state['socket']} {listening}, ceph {state['ceph']}{starting}")
+        # RBD tenants report their Ceph connection, Cinder tenants Keystone and Cinder.
+        where = "ceph" if "ceph" in state else "openstack"
+        print(f"  driver {driver}: {state['socket']} {listening}, {where} {state.get(where)}"
+              f"{starting}")  # fmt: skip
     if status.get("stuck_children"):
         print(f"  {status['stuck_children']} killed tool(s) still stuck in the kernel (see log)")
     rows = [("DRIVER", "VOLUME", "ACCESS", "PHASE", "DEVICE", "MOUNTPOINT", "MOUNTS", "PROBLEM")]

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -336,6 +337,14 @@ def test_a_restart_keeps_a_mount_in_use_with_its_counts(
     client = second.client(DRIVER)
     assert client.get(name)["Volume"]["Status"]["mounts"] == {"c": 1}
     assert oracle.is_mounted(Path(path)) and Path(path, "before").read_text() == "x"
+    status = subprocess.run(
+        [sys.executable, "-m", "rbdplugin", "status", "--config", str(second.config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    print(f"\n{status.stdout}")
+    assert status.returncode == 0, status.stderr
+    assert f"driver {DRIVER}: " in status.stdout and "openstack up" in status.stdout
+    assert name in status.stdout and "c=1" in status.stdout
     assert cloud.volume(name)["status"] == "in-use"  # type: ignore[index]
     assert client.call("VolumeDriver.Unmount", {"Name": name, "ID": "c"}) == {"Err": ""}
     assert cloud.volume(name)["status"] == "available"  # type: ignore[index]
