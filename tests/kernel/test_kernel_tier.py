@@ -38,7 +38,7 @@ SUITES = {
     "kernel": 5,
     "krbd-mount": 9,
     "krbd-faults": 6,
-    "nbd": 6,
+    "nbd": 9,
     "krbd-locks": 5,
     "krbd-docker": 1,
     "cinder": 1,
