@@ -39,6 +39,7 @@ from rbdplugin.mapping import Mapper
 from rbdplugin.mapping.select import build_mapper
 from rbdplugin.metrics import Metrics, MountedVolume, Snapshot, StateCollector
 from rbdplugin.mounts import MountRecord, MountTable
+from rbdplugin.notify import Notifier
 from rbdplugin.process import run, stuck_children
 from rbdplugin.service import VolumeService
 from rbdplugin.state import KnownVolumes, host_uuid
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 SOCKET_BACKLOG = 1024  # dockerd sends parallel Mounts in bursts
 SUN_PATH_MAX = 107
 DRAIN_SECONDS = 30.0
+PROGRESS_SECONDS = 0.5  # how often the service manager's STATUS follows reconciling
 
 
 @dataclass(frozen=True)
@@ -304,16 +306,43 @@ def _usage(attacher: Attacher, record: MountRecord) -> tuple[int | None, int | N
     return usage.size, usage.used
 
 
-async def serve(config: Config) -> None:
-    """Serve until SIGINT or SIGTERM."""
+async def serve(config: Config, notifier: Notifier | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, telling the service manager (if any) how it goes."""
+    notifier = notifier or Notifier.from_environ()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    notifier.status("starting: binding the driver sockets")
     daemon = Daemon(config)
     await daemon.start()
+    # READY as soon as every driver's socket listens, not after reconciling: that can
+    # wait for Ceph indefinitely, and Docker (ordered after us) must not wait with it.
+    # Requests that need the mount table wait for it in the service.
+    notifier.ready(_sockets(daemon) + "; reconciling mounts")
+    progress = asyncio.create_task(report_progress(daemon, notifier))
     try:
         await stop.wait()
         log.info("rbdplugin stopping: draining requests")
+        notifier.stopping("stopping: draining requests")
     finally:
+        progress.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await progress
         await daemon.stop()
+
+
+async def report_progress(daemon: Daemon, notifier: Notifier) -> None:
+    """STATUS lines while drivers reconcile their mount tables, then one when all have."""
+    said = ""
+    while waiting := [d.tenant.driver for d in daemon.drivers if not d.service.ready]:
+        status = f"{_sockets(daemon)}; reconciling mounts of {', '.join(waiting)}"
+        if status != said:
+            notifier.status(status)
+            said = status
+        await asyncio.sleep(PROGRESS_SECONDS)
+    notifier.status(f"{_sockets(daemon)}; mounts reconciled, ready")
+
+
+def _sockets(daemon: Daemon) -> str:
+    return "listening for " + ", ".join(d.tenant.driver for d in daemon.drivers)

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Runs inside the kernel-tier guest (guest/run, real kernel, systemd-udevd): the
-# project's own suites with the krbd mapper, then with rbd-nbd, then the udev and
-# Docker checks. Each suite's pytest output and JUnit report go to /out, which
-# tests/kernel/test_kernel_tier.py reads on the host. Arguments: the suites to run
+# project's own suites with the krbd mapper, then with rbd-nbd, then the udev,
+# Docker and systemd checks. Each suite's pytest output and JUnit report go to /out,
+# which tests/kernel/test_kernel_tier.py reads on the host. Arguments: the suites to run
 # (default: all of them).
 set -u
 cd /src || exit 2
@@ -51,7 +51,10 @@ for s in $suites; do
         restart_keeps or crash_of_the_holder or frozen_holder or behind[rbd] or behind[mount] or after-rbd" ;;
     # (locks ls/break's fencing of a live krbd holder is the fencing checks' business.)
     krbd-locks) suite krbd-locks krbd -m "not fuse_only" tests/integration/test_locks.py -k "not locks_ls" ;;
-    krbd-docker) suite krbd-docker krbd tests/e2e/test_journeys.py -k "test_2_" ;;
+    # Docker with krbd: a journey, and the shipped unit under real systemd (notify start,
+    # restart under write, adoption). One run: one in-guest cluster for both.
+    krbd-docker) suite krbd-docker krbd tests/e2e/test_journeys.py tests/kernel/test_systemd_inside.py \
+        -k "test_2_write or systemd_inside" ;;
     # Cinder mode: Nova's attach hot-plugs a virtio disk into this guest through QMP.
     cinder) suite cinder krbd tests/kernel/test_cinder_inside.py ;;
     *) echo "unknown suite $s" >&2; status=2 ;;

@@ -40,7 +40,7 @@ SUITES = {
     "krbd-faults": 6,
     "nbd": 9,
     "krbd-locks": 5,
-    "krbd-docker": 1,
+    "krbd-docker": 4,
     "cinder": 1,
 }
 GUEST_DEADLINE = 40 * 60
