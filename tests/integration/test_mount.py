@@ -306,8 +306,9 @@ def test_restart_keeps_a_mount_in_use(
         assert oracle.mappings_of(f"alpha/{name}", export) == device
         assert oracle.pids_with_argument("qemu-storage-daemon", f"mountpoint={export}") == pid
         lines = len((path / "log").read_text().splitlines())
-        time.sleep(0.3)
-        assert len((path / "log").read_text().splitlines()) > lines  # still writing
+        # Still writing (a loaded TCG guest appends a line or two a second: wait, not sleep).
+        wait_until(lambda: len((path / "log").read_text().splitlines()) > lines, 20,
+                   "the writer to keep writing")  # fmt: skip
     finally:
         writer.kill()
         writer.wait()
