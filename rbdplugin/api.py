@@ -80,6 +80,8 @@ def volume_name(body: Body) -> str:
 
 def _view(view: VolumeView, with_status: bool) -> Body:
     out: Body = {"Name": view.name, "Mountpoint": view.mountpoint}
+    if view.created_at:
+        out["CreatedAt"] = view.created_at
     if with_status:
         out["Status"] = view.status
     return out

@@ -1,11 +1,14 @@
-"""The ``rbdplugin`` command: serve, devcluster, devcloud, check-config, status, locks."""
+"""The ``rbdplugin`` command: serve, devcluster, devcloud, check-config, status, locks,
+example-config."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Sequence
@@ -14,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from rbdplugin import __version__, locks
+from rbdplugin import __version__, locks, seed
 from rbdplugin.config import Config, load_config
 from rbdplugin.daemon import serve
 from rbdplugin.devcloud.cli import register as register_devcloud
@@ -26,7 +29,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(seed.normalize_argv(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
     try:
         result: int = args.func(args)
@@ -40,11 +43,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rbdplugin", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"rbdplugin {__version__}")
+    parser.add_argument("--version", action="version", version=f"rbdplugin {version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     s = commands.add_parser("serve", help="run the Docker volume plugin daemon")
-    s.add_argument("--config", type=Path, help=f"config file (default {DEFAULT_CONFIG})")
+    s.add_argument(
+        "--config",
+        type=Path,
+        help=f"config file (default {DEFAULT_CONFIG}); with {seed.SEED} flags, or when FILE "
+        "is not TOML with a [tenants] table: that plugin's ceph.conf",
+    )
     s.add_argument(
         "--embedded-cluster",
         type=Path,
@@ -52,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="start a throwaway dev Ceph cluster in DIR, serve it, stop it on exit",
     )
     s.add_argument("--socket-dir", type=Path, help="with --embedded-cluster: where sockets go")
+    seed.add_arguments(s)
     s.set_defaults(func=_serve)
 
     c = commands.add_parser("check-config", help="validate a config file and print it")
@@ -93,8 +102,20 @@ def _parser() -> argparse.ArgumentParser:
     status = dc.add_parser("status", help="what runs")
     status.add_argument("--dir", type=Path, required=True)
     status.set_defaults(func=_dev_status)
+    ex = commands.add_parser(
+        "example-config", help="print an example config or unit file shipped with rbdplugin"
+    )
+    ex.add_argument("name", nargs="?", help="e.g. single-tenant.toml; without it: list them")
+    ex.set_defaults(func=_example_config)
     register_devcloud(commands)
     return parser
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("rbdplugin")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout
+        return __version__
 
 
 def _configure_logging(config: Config) -> None:
@@ -103,7 +124,7 @@ def _configure_logging(config: Config) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     if args.embedded_cluster is None:
-        config = load_config(args.config or DEFAULT_CONFIG)
+        config = _serve_config(args)
         _configure_logging(config)
         asyncio.run(serve(config))
         return 0
@@ -120,13 +141,71 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace) -> Config:
+    seed_mode = seed.seed_flags_given(args) or (
+        args.config is not None and seed.config_is_ceph_conf(args.config)
+    )
+    if not seed_mode:
+        return load_config(args.config or DEFAULT_CONFIG)
+    log = logging.getLogger("rbdplugin.seed")
+    translation = seed.translate(seed.flags_from(args))
+    config = seed.load(translation, os.environ)
+    log.info(
+        "serving %s's flags as this config (save it as %s and start with --config to keep it):\n%s",
+        seed.SEED,
+        DEFAULT_CONFIG,
+        translation.toml,
+    )
+    for note in translation.notes:
+        log.warning("%s flags: %s", seed.SEED, note)
+    return config
+
+
+def _example_config(args: argparse.Namespace) -> int:
+    found = examples()
+    if args.name is None:
+        for name, path in sorted(found.items()):
+            print(f"{name}\t{path}")
+        return 0
+    if args.name not in found:
+        raise ConfigError(f"no example {args.name!r}; there are: {', '.join(sorted(found))}")
+    sys.stdout.write(found[args.name].read_text())
+    return 0
+
+
+def examples() -> dict[str, Path]:
+    """The example configs and unit files: installed with the wheel under
+    <prefix>/share/rbdplugin/, or in a source checkout's config/ and systemd/."""
+    found: dict[str, Path] = {}
+    try:
+        dist = importlib.metadata.distribution("rbdplugin")
+        for file in dist.files or ():
+            if "share/rbdplugin/" in file.as_posix():
+                path = Path(str(dist.locate_file(file))).resolve()
+                found.setdefault(path.name, path)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if found:
+        return found
+    checkout = Path(__file__).resolve().parents[1]
+    for folder in ("config", "systemd"):
+        for path in sorted((checkout / folder).glob("*")):
+            if path.is_file():
+                found.setdefault(path.name, path)
+    return found
+
+
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"{args.config}: OK")
     for tenant in config.tenants:
+        if tenant.cinder is not None:
+            where = f"Cinder volumes of cloud {tenant.cinder.cloud}"
+        else:
+            namespace = "/" + tenant.namespace if tenant.namespace else ""
+            where = f"pool {tenant.pool}{namespace} as client.{tenant.user}"
         print(
-            f"  driver {tenant.driver}: pool {tenant.pool}"
-            f"{'/' + tenant.namespace if tenant.namespace else ''} as client.{tenant.user}, "
+            f"  driver {tenant.driver}: {where}, "
             f"socket {config.daemon.socket_dir / (tenant.driver + '.sock')}"
         )
     return 0

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from rbdplugin.attach import Attacher
@@ -57,6 +58,8 @@ class VolumeView:
     name: str
     mountpoint: str = ""
     status: dict[str, Any] = field(default_factory=dict)
+    # RFC 3339 (docker volume inspect's CreatedAt); "" when unknown.
+    created_at: str = ""
 
 
 class VolumeService:
@@ -305,7 +308,7 @@ class VolumeService:
                 self.where.lower(): f"unreachable: {exc}",
                 **self._mount_status(name),
             }
-            return VolumeView(name, self.path(name), status)
+            return VolumeView(name, self.path(name), status, rfc3339(cached.get("created_at")))
         status = self._status(info)
         self.known.remember(name, status)
         holders = await self._holders(info)
@@ -313,7 +316,12 @@ class VolumeService:
             status["held_by"] = holders
         if name in self._trouble:
             status["problem"] = self._trouble[name]
-        return VolumeView(name, self.path(name), {**status, **self._mount_status(name)})
+        return VolumeView(
+            name,
+            self.path(name),
+            {**status, **self._mount_status(name)},
+            rfc3339(info.created_at),
+        )
 
     async def _holders(self, info: VolumeInfo) -> list[dict[str, Any]]:
         try:
@@ -362,7 +370,33 @@ class VolumeService:
             names = self.known.names()
         else:
             self.known.replace_names(names)
-        return [VolumeView(name, self.path(name)) for name in sorted(names)]
+            await self._learn_created_at(names)
+        return [
+            VolumeView(name, self.path(name), created_at=self._created_at(name))
+            for name in sorted(names)
+        ]
+
+    def _created_at(self, name: str) -> str:
+        return rfc3339((self.known.get(name) or {}).get("created_at"))
+
+    async def _learn_created_at(self, names: Iterable[str]) -> None:
+        """Inspect the volumes this host has not seen yet (once: the answer is kept in
+        the known volumes), so List can say when each was created."""
+        unseen = [name for name in names if "created_at" not in (self.known.get(name) or {})]
+        if not unseen:
+            return
+        limit = asyncio.Semaphore(8)
+
+        async def learn(name: str) -> None:
+            async with limit:
+                try:
+                    info = await self.backend.inspect(name)
+                except RbdPluginError as exc:  # List still answers, without its CreatedAt
+                    log.debug("volume %s: no CreatedAt for List: %s", name, exc)
+                    return
+            self.known.remember(name, self._status(info))
+
+        await asyncio.gather(*(learn(name) for name in unseen))
 
     def path(self, name: str) -> str:
         validate_name(name)
@@ -500,6 +534,20 @@ class VolumeService:
         if self._tasks:  # let in-flight mounts and unmounts finish or roll back
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.backend.close()
+
+
+def rfc3339(value: object) -> str:
+    """``value`` (a stored timestamp) in RFC 3339 as Docker parses it, or "" if it is none.
+    Cinder's timestamps come without a zone (they are UTC) and with microseconds."""
+    if not isinstance(value, str) or not value:
+        return ""
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _mount_id(mount_id: object) -> str:
