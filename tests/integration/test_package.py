@@ -1,7 +1,10 @@
 """The wheel: built with pip, installed into a fresh venv, run from there.
 
-Needs PyPI for the build backend and the runtime dependencies (rados and rbd come from
-Debian's python3-rados and python3-rbd, seen through --system-site-packages)."""
+Offline, as every test is (no traffic beyond loopback): the wheel is built with this
+venv's own setuptools (no build isolation), installed without dependencies, and the
+fresh venv sees the runtime dependencies through a .pth file naming this venv's
+site-packages (rados and rbd come from Debian's python3-rados and python3-rbd, seen
+through --system-site-packages)."""
 
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             shutil.copy2(ROOT / name, src / name)
     dist = tmp_path_factory.mktemp("dist")
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", ".", "-w", dist, cwd=src)
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+        ".", "-w", dist, cwd=src)  # fmt: skip
     (found,) = dist.glob("rbdplugin-*.whl")
     return found
 
@@ -55,7 +59,11 @@ def test_wheel_carries_the_examples_and_unit_files(wheel: Path) -> None:
 def test_wheel_installs_and_runs(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     run(SYSTEM_PYTHON, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
-    run(venv / "bin/pip", "install", "--quiet", wheel, cwd=tmp_path)
+    run(venv / "bin/pip", "install", "--quiet", "--no-deps", "--no-index", wheel, cwd=tmp_path)
+    # The dependencies (aiohttp, prometheus-client, ...) as this venv has them: no download.
+    (site,) = (venv / "lib").glob("python3*/site-packages")
+    deps = [p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)]
+    (site / "rbdplugin-test-deps.pth").write_text("\n".join(deps) + "\n")
     # Run from tmp_path: nothing of the checkout may be imported.
     assert (
         run(venv / "bin/rbdplugin", "--version", cwd=tmp_path).strip() == f"rbdplugin {__version__}"
@@ -73,3 +81,7 @@ def test_wheel_installs_and_runs(wheel: Path, tmp_path: Path) -> None:
         )
     # The Ceph bindings come from Debian's packages through the system site.
     run(venv / "bin/python", "-c", "import rados, rbd, rbdplugin.backends.rbd", cwd=tmp_path)
+    where = run(
+        venv / "bin/python", "-c", "import rbdplugin; print(rbdplugin.__file__)", cwd=tmp_path
+    )
+    assert where.startswith(str(site)), where  # the wheel's copy, not the checkout
