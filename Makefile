@@ -14,9 +14,9 @@ PYTEST_ARGS ?=
 APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-venv \
 	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl \
 	docker.io busybox-static prometheus \
-	qemu-system-x86 debootstrap kmod shellcheck
+	qemu-system-x86 debootstrap kmod shellcheck docker-registry
 
-.PHONY: setup run test lint unit bench clean guest
+.PHONY: setup run test lint unit bench clean guest plugin plugin-base
 setup: $(STAMP)
 	@scripts/ensure-apt $(APT_PACKAGES)
 	@# Keystone and Cinder for Cinder mode's devcloud, in a cached venv of their own.
@@ -42,7 +42,8 @@ lint: setup
 	$(VENV)/bin/ruff format --check rbdplugin tests bench $(GUEST_PY)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/mypy --strict $(GUEST_PY)
-	shellcheck guest/build guest/files/init guest/files/net-setup guest/files/rbdplugin tests/kernel/inside.sh
+	shellcheck guest/build guest/files/init guest/files/net-setup guest/files/rbdplugin tests/kernel/inside.sh \
+		plugin/build plugin/make-base plugin/entrypoint
 
 test: setup lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -59,6 +60,21 @@ bench: setup
 guest: setup
 	@if [ -z "$(CMD)" ]; then echo "usage: make guest CMD='sh -c \"modprobe rbd && ls /sys/bus/rbd\"'" >&2; exit 2; fi
 	guest/run $(CMD)
+
+# The managed Docker plugin (plugin/README.md): docker build from BASE, export the rootfs,
+# docker plugin create PLUGIN. No registry needed: the default BASE is made locally by
+# plugin/make-base (debootstrap + docker import, cached). DOCKER_HOST picks the engine.
+PLUGIN ?= rbdplugin:latest
+PLUGIN_BASE_TAG := rbdplugin-base:bookworm
+BASE ?= $(PLUGIN_BASE_TAG)
+PLUGIN_BUILD_DIR ?=
+# --preload: the base already holds plugin/packages (shared cache with the tests).
+PLUGIN_BASE_FLAGS ?= --preload
+plugin-base:
+	plugin/make-base $(PLUGIN_BASE_FLAGS) $(PLUGIN_BASE_TAG)
+
+plugin: $(if $(filter $(PLUGIN_BASE_TAG),$(BASE)),plugin-base)
+	BASE=$(BASE) plugin/build $(PLUGIN) $(PLUGIN_BUILD_DIR)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
