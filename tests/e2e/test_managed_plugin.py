@@ -196,12 +196,14 @@ def managed(
 def test_1_enable_create_write_read_and_disable_enable(managed: Managed) -> None:
     took = managed.enable()
     print(f"docker plugin enable: {took:.1f} s")
+    print(managed.docker("plugin", "ls"))
     assert managed.plugin()["Enabled"] is True
     name = unique("mp")
     managed.docker("volume", "create", "-d", managed.name, "--opt", "size=1G", name)
     managed.write(name, "hello-from-the-first-container")
     assert not managed.docker("ps", "-aq").strip()  # the writer is gone
     assert managed.read(name) == "hello-from-the-first-container"
+    print(f"{name}: written by one container, read by the next: hello-from-the-first-container")
     # Scope and Status come from the daemon inside the plugin (Capabilities and Get).
     inspect = json.loads(managed.docker("volume", "inspect", name))[0]
     assert inspect["Scope"] == "global" and inspect["Status"]["pool"] == TENANT, inspect
