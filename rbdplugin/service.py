@@ -93,6 +93,7 @@ class VolumeService:
         # Set once start-up reconciled the mount table; Mount/Unmount/Remove wait for it.
         self._reconciled = asyncio.Event()
         self._starter: asyncio.Task[None] | None = None
+        self._learner: asyncio.Task[None] | None = None  # List's CreatedAt, learnt later
         # Volumes whose background check found a problem an operator must fix (by name).
         self._trouble: dict[str, str] = {}
         self.defaults = Defaults(
@@ -370,7 +371,7 @@ class VolumeService:
             names = self.known.names()
         else:
             self.known.replace_names(names)
-            await self._learn_created_at(names)
+            self._learn_in_background(names)
         return [
             VolumeView(name, self.path(name), created_at=self._created_at(name))
             for name in sorted(names)
@@ -378,6 +379,12 @@ class VolumeService:
 
     def _created_at(self, name: str) -> str:
         return rfc3339((self.known.get(name) or {}).get("created_at"))
+
+    def _learn_in_background(self, names: Iterable[str]) -> None:
+        """Learn unseen volumes' CreatedAt after List has answered: List must stay as
+        fast as listing names (it shows CreatedAt once known; Get always has it)."""
+        if self._learner is None or self._learner.done():
+            self._learner = asyncio.create_task(self._learn_created_at(list(names)))
 
     async def _learn_created_at(self, names: Iterable[str]) -> None:
         """Inspect the volumes this host has not seen yet (once: the answer is kept in
@@ -526,7 +533,7 @@ class VolumeService:
             )
 
     async def close(self) -> None:
-        for task in (self._starter, self._checker):
+        for task in (self._starter, self._checker, self._learner):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

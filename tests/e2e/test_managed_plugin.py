@@ -128,8 +128,13 @@ class Managed:
         return time.monotonic() - started
 
     def volumes(self) -> set[str]:
+        """The volumes these tests made through the plugin. Its tenant's pool also holds
+        the other e2e tests' volumes (one session cluster), which the plugin lists too."""
         lines = self.docker("volume", "ls", "--format", "{{.Driver}} {{.Name}}").splitlines()
-        return {line.split()[1] for line in lines if line.split()[0] == self.name}
+        return {
+            line.split()[1] for line in lines
+            if line.split()[0] == self.name and line.split()[1].startswith(("mp-", "mbig-"))
+        }  # fmt: skip
 
     def write(self, volume: str, text: str) -> None:
         self.docker(*RUN, "-v", f"{volume}:/data", IMAGE, "sh", "-c",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from tests.helpers import Admin, DaemonProcess, unique
+from tests.helpers import Admin, DaemonProcess, unique, wait_until
 
 
 def parse(created_at: str) -> datetime:
@@ -32,8 +32,14 @@ def test_list_shows_created_at_of_a_volume_this_daemon_never_saw(
     client, name = daemon.client("alpha"), unique()
     before = datetime.now(UTC).replace(microsecond=0)
     admin.create_image("alpha", name, 64 * 1024 * 1024)
-    listed = {v["Name"]: v for v in client.call("VolumeDriver.List", {})["Volumes"]}
-    created = parse(listed[name]["CreatedAt"])
+
+    def listed() -> dict[str, dict[str, str]]:
+        return {v["Name"]: v for v in client.call("VolumeDriver.List", {})["Volumes"]}
+
+    # List answers at once and learns an unseen volume's CreatedAt behind it.
+    assert name in listed()
+    wait_until(lambda: "CreatedAt" in listed()[name], 30, "List to learn the CreatedAt")
+    created = parse(listed()[name]["CreatedAt"])
     assert before - timedelta(seconds=1) <= created <= datetime.now(UTC)
-    assert client.get(name)["Volume"]["CreatedAt"] == listed[name]["CreatedAt"]
+    assert client.get(name)["Volume"]["CreatedAt"] == listed()[name]["CreatedAt"]
     assert client.remove(name) == {"Err": ""}
