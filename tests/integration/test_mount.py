@@ -84,6 +84,10 @@ def test_mount_write_unmount_remount_keeps_data(daemon: DaemonProcess, admin: Ad
     status = client.get(name)["Volume"]["Status"]
     assert status["mountpoint"] == str(path) and status["mounts"] == {"c1": 1}
     assert status["device"] == oracle.source_at(path) and status["mapper"] == TEST_MAPPER
+    device = oracle.source_at(path)
+    served_by = {**oracle.krbd_devices(), **oracle.nbd_devices()}.get(device, "a FUSE export")
+    print(f"\n{TEST_MAPPER} mapping: {device} mounted at {path} ({oracle.fstype_at(path)}), "
+          f"served by {served_by}")  # fmt: skip
     assert status["fs_used_bytes"] >= 3 * MiB
     assert status["fs_size_bytes"] > 200 * MiB
     assert client.call("VolumeDriver.Path", {"Name": name})["Mountpoint"] == str(path)
