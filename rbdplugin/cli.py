@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 
 from rbdplugin import __version__, locks, seed
-from rbdplugin.config import Config, load_config
+from rbdplugin.config import Config, load_config, only_tenant
 from rbdplugin.daemon import serve
 from rbdplugin.devcloud.cli import register as register_devcloud
 from rbdplugin.devcluster import DevCluster
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         help="start a throwaway dev Ceph cluster in DIR, serve it, stop it on exit",
     )
     s.add_argument("--socket-dir", type=Path, help="with --embedded-cluster: where sockets go")
+    _one_tenant_arguments(s)
     seed.add_arguments(s)
     s.set_defaults(func=_serve)
 
@@ -122,6 +123,19 @@ def _configure_logging(config: Config) -> None:
     logging.getLogger().setLevel(config.daemon.log_level.upper())
 
 
+def _one_tenant_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--only-tenant",
+        metavar="NAME",
+        help="serve only this tenant of the config (a managed plugin serves one)",
+    )
+    s.add_argument(
+        "--as-driver",
+        metavar="DRIVER",
+        help="with --only-tenant: serve it under this driver name (a managed plugin: rbd)",
+    )
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.embedded_cluster is None:
         config = _serve_config(args)
@@ -146,7 +160,12 @@ def _serve_config(args: argparse.Namespace) -> Config:
         args.config is not None and seed.config_is_ceph_conf(args.config)
     )
     if not seed_mode:
-        return load_config(args.config or DEFAULT_CONFIG)
+        config = load_config(args.config or DEFAULT_CONFIG)
+        if args.only_tenant:
+            return only_tenant(config, args.only_tenant, args.as_driver)
+        if args.as_driver:
+            raise ConfigError("--as-driver needs --only-tenant: one tenant gets the new name")
+        return config
     log = logging.getLogger("rbdplugin.seed")
     translation = seed.translate(seed.flags_from(args))
     config = seed.load(translation, os.environ)

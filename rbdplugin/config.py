@@ -15,6 +15,7 @@ Environment overrides use one prefix, ``RBDPLUGIN_<SECTION>_<KEY>``, for the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -543,3 +544,17 @@ def _check_clouds_apart(first: TenantConfig, second: TenantConfig) -> None:
             "they would share one OpenStack project and could attach and delete each other's "
             "volumes. Give each tenant a cloud entry (application credential) of its own project"
         )
+
+
+def only_tenant(config: Config, name: str, driver: str | None = None) -> Config:
+    """``config`` serving tenant ``name`` alone, under ``driver`` if given: a managed
+    plugin has one socket (``rbd.sock``), so it serves one tenant under that name."""
+    try:
+        tenant = config.tenant(name)
+    except KeyError:
+        valid = ", ".join(t.name for t in config.tenants)
+        raise ConfigError(f"no tenant {name!r} in the config; tenants: {valid}") from None
+    if driver is not None:
+        _driver(driver, f"tenants.{name} (as driver)")
+        tenant = dataclasses.replace(tenant, driver=driver)
+    return dataclasses.replace(config, tenants=(tenant,))

@@ -160,7 +160,11 @@ def _plugin_inputs(cluster: DevCluster, work: Path) -> dict[str, Path]:
     (config / "rbdplugin.toml").write_text(
         '[daemon]\nhost_id = "plugin-host"\nmetrics = ""\nmapper = "auto"\nop_timeout = 25\n\n'
         '[ceph]\nconf = "/etc/ceph/ceph.conf"\nclient_timeout = 5\n\n'
-        f'[tenants.{TENANT}]\ndriver = "rbd"\npool = "{TENANT}"\nuser = "{TENANT}"\n'
+        # Two tenants, neither named rbd: RBDPLUGIN_TENANT picks the one this instance
+        # serves as rbd.sock (the other would need a plugin instance of its own).
+        '[tenants.beta]\npool = "beta"\nuser = "beta"\n'
+        'keyring = "/etc/ceph/ceph.client.beta.keyring"\n\n'
+        f'[tenants.{TENANT}]\npool = "{TENANT}"\nuser = "{TENANT}"\n'
         f'keyring = "/etc/ceph/ceph.client.{TENANT}.keyring"\ndefault_size = "256M"\n'
     )
     state = work / "state"
@@ -187,7 +191,7 @@ def managed(
     print(f"\nmanaged plugin: base image {base:.1f} s, image + plugin create {build:.1f} s")
     inputs = _plugin_inputs(cluster, work)
     plugin.settings = (*(f"{mount}.source={path}" for mount, path in inputs.items()),
-                       "RBDPLUGIN_DAEMON_MAPPER=fuse")  # fmt: skip
+                       "RBDPLUGIN_DAEMON_MAPPER=fuse", f"RBDPLUGIN_TENANT={TENANT}")  # fmt: skip
     plugin.configure()
     try:
         yield plugin

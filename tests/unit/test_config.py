@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rbdplugin.config import DEFAULT_FEATURES, load_config
+from rbdplugin.config import DEFAULT_FEATURES, load_config, only_tenant
 from rbdplugin.errors import ConfigError
 from rbdplugin.units import GiB
 
@@ -216,3 +216,15 @@ def test_two_cinder_tenants_may_not_share_a_cloud(tmp_path: Path) -> None:
         load_config(write(tmp_path, text), environ={})
     text = text.replace('cloud = "same"\n[tenants.b]', 'cloud = "other"\n[tenants.b]')
     assert len(load_config(write(tmp_path, text), environ={}).tenants) == 2
+
+
+def test_only_tenant_serves_one_tenant_under_the_managed_plugins_name(tmp_path: Path) -> None:
+    text = '[tenants.web]\npool = "web"\n[tenants.data]\npool = "data"\n'
+    config = load_config(write(tmp_path, text), environ={})
+    served = only_tenant(config, "data", "rbd")
+    assert [(t.name, t.driver, t.pool) for t in served.tenants] == [("data", "rbd", "data")]
+    assert only_tenant(config, "web").tenants[0].driver == "web"
+    with pytest.raises(ConfigError, match="no tenant 'nope' in the config; tenants: web, data"):
+        only_tenant(config, "nope")
+    with pytest.raises(ConfigError, match="must be lower-case letters"):
+        only_tenant(config, "web", "Bad Name")
