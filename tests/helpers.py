@@ -258,3 +258,16 @@ def slow_fuse_file(path: Path, seconds: int) -> Iterator[Path]:
     finally:
         server.terminate()
         server.wait(30)
+
+
+@contextlib.contextmanager
+def stopped_service(root: Path, state: dict[str, Any], service: str) -> Iterator[None]:
+    """A devcloud service's process (its pid in ``state``, the devcloud.json under ``root``)
+    stopped: a black hole, connections wait and nothing answers; continued afterwards."""
+    pid = int(state["pids"][service])
+    assert str(root) in " ".join(oracle.argv_of(pid)), service  # ours, not a recycled pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)

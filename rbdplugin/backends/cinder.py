@@ -317,31 +317,24 @@ class CinderBackend:
             outcome = "deleted"
         return outcome
 
-    async def formatting_started(self, name: str) -> None:
+    async def _mark(self, name: str, key: str) -> str:
+        """Set our metadata mark ``key`` to now; the volume's id."""
         volume = await self._volume(name)
-        await self._call(
-            f"updating volume {name!r}",
-            self.op_timeout,
-            self.client.set_metadata,
-            volume.id,
-            {f"{META}formatting": _now()},
-        )
+        await self._call(f"updating volume {name!r}", self.op_timeout,
+                         self.client.set_metadata, volume.id, {f"{META}{key}": _now()})  # fmt: skip
+        return volume.id
+
+    async def formatting_started(self, name: str) -> None:
+        await self._mark(name, "formatting")
 
     async def formatting_done(self, name: str) -> None:
-        volume = await self._volume(name)
-        await self._call(
-            f"updating volume {name!r}",
-            self.op_timeout,
-            self.client.set_metadata,
-            volume.id,
-            {f"{META}formatted": _now()},
-        )
+        volume_id = await self._mark(name, "formatted")
         for key in (f"{META}formatting", f"{META}fresh"):
             await self._call(
                 f"updating volume {name!r}",
                 self.op_timeout,
                 self.client.unset_metadata,
-                volume.id,
+                volume_id,
                 key,
             )
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ except ImportError:  # pragma: no cover - the message is the point
 from tests import oracle
 from tests.conftest import StartDaemon
 from tests.devcloud.test_devcloud import devcloud
-from tests.helpers import DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import DaemonProcess, PluginClient, stopped_service, unique, wait_until
 from tests.integration.test_observability import free_port, sample, scrape
 
 pytestmark = pytest.mark.cinder
@@ -250,16 +249,9 @@ def test_a_volume_that_ends_in_error_is_deleted_and_the_err_says_why(
         cloud.admin.block_storage.delete_type(kind)
 
 
-@contextlib.contextmanager
-def stopped(cloud: Cloud, service: str) -> Iterator[None]:
+def stopped(cloud: Cloud, service: str) -> contextlib.AbstractContextManager[None]:
     """The service's process stopped: connections wait, nothing answers."""
-    pid = int(cloud.state["pids"][service])
-    assert str(cloud.root) in " ".join(oracle.argv_of(pid)), service  # ours, not a recycled pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    return stopped_service(cloud.root, cloud.state, service)
 
 
 @pytest.mark.parametrize("service", ["keystone", "cinder"])

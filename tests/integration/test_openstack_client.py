@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -48,7 +47,7 @@ from rbdplugin.errors import (
 from rbdplugin.openstack.client import CloudSettings, OpenStackClient, connect
 from tests import oracle
 from tests.devcloud.test_devcloud import devcloud
-from tests.helpers import wait_until
+from tests.helpers import stopped_service, wait_until
 
 TOKEN_LIFETIME = 20  # seconds; keystoneauth renews tokens 120 s ahead, so: before every request
 TIMEOUT = 3.0  # per HTTP request
@@ -125,16 +124,9 @@ def remove_volume(client: OpenStackClient, volume_id: str) -> None:
     client.wait_deleted(volume_id, 60)
 
 
-@contextlib.contextmanager
-def stopped(cloud: Cloud, service: str) -> Iterator[None]:
+def stopped(cloud: Cloud, service: str) -> contextlib.AbstractContextManager[None]:
     """The service's process stopped (a black hole: connections wait, nothing answers)."""
-    pid = int(cloud.state["pids"][service])
-    assert str(cloud.root) in " ".join(oracle.argv_of(pid)), service  # ours, not a recycled pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    return stopped_service(cloud.root, cloud.state, service)
 
 
 def test_create_find_list_get_delete(client: OpenStackClient) -> None:
