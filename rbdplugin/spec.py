@@ -148,6 +148,15 @@ def validate_name(name: object) -> str:
     return name
 
 
+def is_volume_name(name: str) -> bool:
+    """Whether ``name`` is a name Docker could have given (kept volumes carry a "~")."""
+    try:
+        validate_name(name)
+    except InvalidArgument:
+        return False
+    return True
+
+
 def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
     """Validate a Create's name and ``Opts`` (``None`` when Docker sent none)."""
     name = validate_name(name)

@@ -40,7 +40,7 @@ from rbdplugin.errors import (
 )
 from rbdplugin.openstack.client import CloudSettings, OpenStackClient, Volume, connect
 from rbdplugin.openstack.server_id import Places, discover
-from rbdplugin.spec import CreateRequest, VolumeSpec, validate_name
+from rbdplugin.spec import CreateRequest, VolumeSpec, is_volume_name
 from rbdplugin.units import GiB, format_size
 
 log = logging.getLogger(__name__)
@@ -275,13 +275,13 @@ class CinderBackend:
         volumes = await self._call(
             "listing volumes", self.op_timeout, self.client.list_volumes, {TENANT: self.tenant.name}
         )
-        return [v.metadata[VOLUME] for v in volumes if _is_volume_name(v.metadata.get(VOLUME, ""))]
+        return [v.metadata[VOLUME] for v in volumes if is_volume_name(v.metadata.get(VOLUME, ""))]
 
     async def usage(self) -> Usage:
         volumes = await self._call(
             "listing volumes", self.op_timeout, self.client.list_volumes, {TENANT: self.tenant.name}
         )
-        mine = [v for v in volumes if _is_volume_name(v.metadata.get(VOLUME, ""))]
+        mine = [v for v in volumes if is_volume_name(v.metadata.get(VOLUME, ""))]
         return Usage(volumes=len(mine), provisioned=sum(v.size_gib for v in mine) * GiB)
 
     async def remove(self, name: str) -> RemoveOutcome:
@@ -463,14 +463,6 @@ def _size_note(requested: str, size_gib: int) -> tuple[str, ...]:
         f"size {format_size(size_gib * GiB)}: {format_size(int(requested))} asked for, "
         "rounded up to whole GiB (Cinder sizes volumes in GiB)",
     )
-
-
-def _is_volume_name(name: str) -> bool:
-    try:
-        validate_name(name)
-    except RbdPluginError:
-        return False
-    return True
 
 
 async def build_cinder(tenant: TenantConfig, op_timeout: float) -> CinderBackend:

@@ -21,8 +21,8 @@ import rbd
 from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
 from rbdplugin.ceph import CephClient, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
-from rbdplugin.errors import Conflict, InvalidArgument, NotFound, VolumeBusy
-from rbdplugin.spec import CreateRequest, VolumeSpec, validate_name
+from rbdplugin.errors import Conflict, NotFound, VolumeBusy
+from rbdplugin.spec import CreateRequest, VolumeSpec, is_volume_name
 
 META = "rbdplugin."
 # Never store an empty metadata value: python-rbd's metadata_list() drops empty
@@ -252,7 +252,7 @@ class RbdBackend:
                 return [entry["name"] for entry in rbd.RBD().list2(ioctx)]
 
             for name in await self.client.run(pool, "listing volumes", listing):
-                if _is_volume_name(name):
+                if is_volume_name(name):
                     found.setdefault(name, None)
         for name in await self._companions():
             found.setdefault(name, None)
@@ -370,14 +370,6 @@ def _write_metadata(image: rbd.Image, values: Mapping[str, str | None]) -> None:
         else:
             with contextlib.suppress(KeyError):  # already absent
                 image.metadata_remove(key)
-
-
-def _is_volume_name(name: str) -> bool:
-    try:
-        validate_name(name)
-    except InvalidArgument:
-        return False
-    return True
 
 
 def _format_marks(ioctx: rados.Ioctx, image_id: str) -> dict[str, str]:
