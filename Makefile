@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-venv \
 	qemu-system-common qemu-block-extra qemu-utils fuse3 e2fsprogs xfsprogs util-linux curl \
 	docker.io busybox-static prometheus \
-	qemu-system-x86 debootstrap kmod shellcheck docker-registry
+	qemu-system-x86 debootstrap kmod shellcheck docker-registry fio
 
 .PHONY: setup run test lint unit bench clean guest plugin plugin-base
 setup: $(STAMP)
@@ -51,7 +51,9 @@ test: setup lint
 unit: setup
 	$(VENV)/bin/pytest -m 'not ceph' $(PYTEST_ARGS)
 
-# Performance targets live here, not in the (untimed) tests.
+# Performance targets live here, not in the (untimed) tests: every case next to its floor,
+# results in bench/results/ (latest.md, latest.svg); exit 1 if a target is missed.
+# `make test` runs the same suite with tiny counts (tests/integration/test_bench_smoke.py).
 bench: setup
 	$(PY) -m bench.run
 
