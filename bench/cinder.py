@@ -9,6 +9,7 @@ does. Left out, with a line in the table saying why, when the devcloud's venv is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 from bench.harness import Env, Server
 from bench.model import CaseResult
+from bench.promtext import moved, scrape
 from bench.stats import NO_TARGET
 from rbdplugin.devcloud.venv import python, venv_path
 from rbdplugin.devcluster import free_ports
@@ -47,9 +49,11 @@ def cinder_case(env: Env, smoke: bool, skip: bool = False) -> list[CaseResult]:
     try:
         state = json.loads((root / "devcloud.json").read_text())
         server_id = next(s["id"] for s in state["servers"] if s["name"] == DRIVER)
-        daemon = _daemon(env, root, server_id)
+        daemon, metrics = _daemon(env, root, server_id)
+        before = scrape(metrics)
         ours, floor = _measure(daemon, root, server_id, warmup, reps)
         result.ours, result.floor = ours, floor
+        result.stages = moved(before, scrape(metrics))
     finally:
         if daemon is not None:
             daemon.stop()
@@ -91,6 +95,8 @@ def _measure(
             conn.compute.create_volume_attachment(server_id, volume=volume.id)
             _wait(link.exists, f"{link} to appear")
             floor_took = time.perf_counter() - started
+            # Nova's attach finishes after the disk shows: detach only once it is in-use.
+            conn.block_storage.wait_for_status(volume, "in-use", wait=TIMEOUT)
             conn.compute.delete_volume_attachment(server_id, volume.id)
             _wait(lambda: not link.exists(), f"{link} to go")
             conn.block_storage.wait_for_status(volume, "available", wait=TIMEOUT)
@@ -99,20 +105,26 @@ def _measure(
                 floor.append(floor_took)
         client.remove(name)
     finally:
-        conn.block_storage.delete_volume(volume, ignore_missing=True)
+        with contextlib.suppress(Exception):
+            conn.compute.delete_volume_attachment(server_id, volume.id)
+            conn.block_storage.wait_for_status(volume, "available", wait=TIMEOUT)
+        with contextlib.suppress(Exception):
+            conn.block_storage.delete_volume(volume, ignore_missing=True)
         conn.close()
     return ours, floor
 
 
-def _daemon(env: Env, root: Path, server_id: str) -> Server:
+def _daemon(env: Env, root: Path, server_id: str) -> tuple[Server, str]:
+    """The Cinder-mode daemon, started; and its metrics URL."""
     here = env.root / "cm"
     config = here / "rbdplugin.toml"
     here.mkdir()
+    metrics = f"127.0.0.1:{free_ports(1)[0]}"
     config.write_text(
         "[daemon]\n"
         f'socket_dir = "{here / "plugins"}"\nstate_dir = "{here / "state"}"\n'
         f'mount_root = "{here / "mounts"}"\nhost_id = "bench-vm"\n'
-        f'metrics = "127.0.0.1:{free_ports(1)[0]}"\n\n'
+        f'metrics = "{metrics}"\n\n'
         f'[ceph]\nconf = "{env.cluster.conf}"\n\n'
         f'[tenants.{DRIVER}]\nbackend = "cinder"\ncloud = "devcloud"\n'
         f'clouds_yaml = "{root / "clouds.yaml"}"\nserver_id = "{server_id}"\n'
@@ -122,7 +134,7 @@ def _daemon(env: Env, root: Path, server_id: str) -> Server:
     argv = [sys.executable, "-m", "rbdplugin", "serve", "--config", str(config)]
     server = Server(argv, here / "plugins" / f"{DRIVER}.sock", here / "daemon.log")
     server.start()
-    return server
+    return server, f"http://{metrics}/metrics"
 
 
 def _devcloud(*args: str) -> subprocess.CompletedProcess[str]:

@@ -116,7 +116,7 @@ def run_group(env: Env, group: str, run: Callable[[], list[CaseResult]]) -> list
                     env.run(hand.teardown(mapping))
     stages = moved(before, scrape(env.metrics_url()))
     for result in results:
-        result.stages = stages
+        result.stages = result.stages or stages  # a case with a daemon of its own set them
         row = report.table_rows([result])[0]
         print(f"{row[0]}: ours p50 {row[1]} p99 {row[2]}, floor p50 {row[3]}, "
               f"ratio {row[4]} (target {row[5]}): {row[6]}")  # fmt: skip
