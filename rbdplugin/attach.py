@@ -164,7 +164,8 @@ class Attacher:
 
     async def _attach(self, info: VolumeInfo, record: MountRecord, mount_id: str) -> None:
         read_only = record.mode == "ro"
-        await self.attachment.claim(info.name, record.locator, read_only)
+        with self.metrics.stage("claim"):
+            await self.attachment.claim(info.name, record.locator, read_only)
         sharing = self._sharing(record)
         if sharing:
             raise VolumeBusy(
@@ -265,7 +266,8 @@ class Attacher:
         return wanted
 
     async def _mkfs(self, info: VolumeInfo, device: str, fstype: str, force: bool) -> None:
-        await self.backend.formatting_started(info.name)
+        with self.metrics.stage("mark"):
+            await self.backend.formatting_started(info.name)
         started = time.monotonic()
         extra = _stored(
             "mkfs-options", info, lambda name, words: check_mkfs_words(name, fstype, words),
@@ -273,7 +275,8 @@ class Attacher:
         )  # fmt: skip
         with self.metrics.stage("mkfs"):
             await self.fs.mkfs(device, fstype, fast=info.fresh, extra=extra, force=force)
-        await self.backend.formatting_done(info.name)
+        with self.metrics.stage("mark"):
+            await self.backend.formatting_done(info.name)
         log.info("volume %s: made %s on %s in %.1f s%s", info.name, fstype, device,
                  time.monotonic() - started, " (fast)" if info.fresh else "")  # fmt: skip
 
@@ -351,7 +354,8 @@ class Attacher:
                       record.volume)  # fmt: skip
             return
         if not shared:  # only our own claim: after a takeover the claim is someone else's
-            await self.attachment.release(record.locator)
+            with self.metrics.stage("release"):
+                await self.attachment.release(record.locator)
         self.table.drop(record.volume)
 
     async def _detach_unrecorded(self, locator: Locator) -> None:
@@ -419,16 +423,21 @@ class Attacher:
 
     async def reconcile(self) -> None:
         """Make the table match the truth after a restart or crash."""
+        kept: list[MountRecord] = []
+        leftovers: list[MountRecord] = []
         for record in self.table.all():
-            if record.phase == "mounted" and self._intact(record) and record.counts:
-                await self.check_mapping(record)
-                log.info("volume %s: still mounted at %s for %d reference(s); kept",
-                         record.volume, record.mountpoint, record.references)  # fmt: skip
-                try:
-                    await self.check_lease(record)
-                except RbdPluginError as exc:
-                    log.error("volume %s: cannot check its lease yet: %s", record.volume, exc)
-                continue
+            intact = record.phase == "mounted" and self._intact(record) and record.counts
+            (kept if intact else leftovers).append(record)
+        # Mounts that are still there are checked side by side (each waits on Ceph for
+        # its lease and presence handle); a hundred of them must not take seconds.
+        limit = asyncio.Semaphore(RECONCILE_AT_ONCE)
+
+        async def keep(record: MountRecord) -> None:
+            async with limit:
+                await self._keep(record)
+
+        await asyncio.gather(*(keep(record) for record in kept))
+        for record in leftovers:  # one at a time: they may share storage (companions)
             log.warning("volume %s: cleaning up a %s entry left by a previous run",
                         record.volume, record.phase)  # fmt: skip
             try:
@@ -436,6 +445,15 @@ class Attacher:
             except RbdPluginError as exc:
                 log.error("volume %s: could not clean up (%s); will retry on next Mount",
                           record.volume, exc)  # fmt: skip
+
+    async def _keep(self, record: MountRecord) -> None:
+        await self.check_mapping(record)
+        log.info("volume %s: still mounted at %s for %d reference(s); kept",
+                 record.volume, record.mountpoint, record.references)  # fmt: skip
+        try:
+            await self.check_lease(record)
+        except RbdPluginError as exc:
+            log.error("volume %s: cannot check its lease yet: %s", record.volume, exc)
 
 
 def _stored(
@@ -452,6 +470,9 @@ def _stored(
             "request: fix or remove them there"
         ) from exc
 
+
+# Start-up checks of mounts running at once: as many as a tenant's Ceph threads.
+RECONCILE_AT_ONCE = 8
 
 READ_ONLY_OPTIONS = {
     # Never replay a journal on a shared read-only device: that would write to it.

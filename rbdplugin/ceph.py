@@ -36,6 +36,7 @@ from rbdplugin.errors import (
     RbdPluginError,
     VolumeBusy,
 )
+from rbdplugin.rbdheader import WatcherLens, lookup_id
 from rbdplugin.state import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ class Connection:
     drops the last use of the retired one starts its shutdown, which first closes
     the images kept open on it (librbd images still open at rados_shutdown crash
     the process, and so does a call still running on a shut-down handle).
+
+    Presence is a librbd image kept open read-write, not a bare RADOS watch on the
+    header: librbd re-establishes its watch after errors, and closing a bare watch
+    whose connection had just timed out aborted the process (librados, bad_alloc).
     """
 
     def __init__(self, cluster: rados.Rados, namespace: str, name: str) -> None:
@@ -87,6 +92,7 @@ class Connection:
         self._closing = False
         self._ioctxs: dict[str, rados.Ioctx] = {}
         self._kept: dict[tuple[str, str], rbd.Image] = {}
+        self.lens = WatcherLens(size=8)
 
     def hold(self) -> bool:
         """Take a use; False once the shutdown has begun."""
@@ -123,6 +129,7 @@ class Connection:
             images, self._kept = list(self._kept.values()), {}
             ioctxs, self._ioctxs = list(self._ioctxs.values()), {}
         try:
+            self.lens.close()
             for image in images:
                 try:
                     image.close()
@@ -170,6 +177,15 @@ class Connection:
             handle = self._kept.pop((pool, image), None)
         if handle is not None:
             handle.close()
+
+    def watchers(self, pool: str, image: str, image_id: str | None) -> list[dict[str, object]]:
+        # Never through a presence handle: close_kept() may close it meanwhile (a crash).
+        ioctx = self.ioctx(pool)
+        if image_id is None:
+            image_id = lookup_id(ioctx, image)
+            if image_id is None:
+                raise rbd.ImageNotFound(f"image {image!r} not found")
+        return self.lens.watchers(ioctx, pool, image_id)
 
     def keeps(self, pool: str, image: str) -> bool:
         with self._lock:
@@ -302,6 +318,15 @@ class CephClient:
 
         return await self._on(await self._current(), call, action, pool)
 
+    async def watchers(
+        self, pool: str, image: str, image_id: str | None, action: str
+    ) -> list[dict[str, object]]:
+        """Who watches the header of ``image`` (whose id is ``image_id``, if known), asked
+        through a :class:`WatcherLens`."""
+        return await self._on(
+            await self._current(), lambda c: c.watchers(pool, image, image_id), action, pool
+        )
+
     async def run_cluster(self, action: str, fn: Callable[[rados.Rados], T]) -> T:
         """Run ``fn(cluster)`` for cluster-wide calls (blocklisting, our own identity)."""
         return await self._on(await self._current(), lambda c: fn(c.cluster), action)
@@ -369,7 +394,10 @@ class CephClient:
         future.add_done_callback(lambda f: _release_if_cancelled(f, conn))
         try:
             try:
-                return await asyncio.wait_for(asyncio.wrap_future(future), self.deadline)
+                # asyncio.timeout, not wait_for: no task of its own per call (every Ceph
+                # call of every request passes here).
+                async with asyncio.timeout(self.deadline):
+                    return await asyncio.wrap_future(future)
             except TimeoutError as exc:
                 raise CephUnavailable(
                     f"Ceph did not answer within {self.deadline:.0f} s while {action}; "

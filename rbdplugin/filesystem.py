@@ -5,15 +5,17 @@ partition table, RAID or LVM member, LUKS, swap...) is never formatted. The
 only exception is our own mkfs that was interrupted, which the caller proves
 from the image's metadata and passes as ``force``.
 
-Blank is proven, never inferred: ``blkid`` exits 2 both when it found nothing
-and when it could not read the device, so after a "nothing found" we read the
-regions where signatures live (the first and last MiB) ourselves, and only all
-zeros there is blank. A read error is an error; data that no probe recognises is
-:data:`UNRECOGNISED`, which is never formatted either.
+Blank is proven, never inferred: we read the regions where every signature
+blkid knows lives (the first and last MiB) ourselves, and only all zeros there is
+blank. Anything else is shown to ``blkid`` (which exits 2 both when it found
+nothing and when it could not read the device, so it never decides "blank"). A
+read error is an error; data that no probe recognises is :data:`UNRECOGNISED`,
+which is never formatted either.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,11 @@ from rbdplugin.process import Command, Runner
 # What blkid may report that we mount, and as which filesystem type.
 MOUNTABLE = {"ext4": "ext4", "ext3": "ext4", "ext2": "ext4", "xfs": "xfs"}
 # Fast flags: only for images we created and found blank (FACTS §5): little I/O, no discard.
+# -G 1024 packs the metadata of 1024 block groups together (default 16): mke2fs then writes
+# a few large runs instead of thousands of small ones, and a fresh 1 TiB volume formats in
+# ~0.1 s instead of ~0.45 s over the FUSE export (10 GiB: no change, ~35 ms).
 FAST_MKFS = {
-    "ext4": ("-m0", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"),
+    "ext4": ("-m0", "-G", "1024", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"),
     "xfs": ("-K",),
 }
 FORCE_MKFS = {"ext4": "-F", "xfs": "-f"}
@@ -92,30 +97,40 @@ class Filesystems:
         self.timeout = timeout
 
     async def probe(self, device: str) -> Signature | None:
-        """The device's signature, or None when it is proven blank."""
+        """The device's signature, or None when it is proven blank.
+
+        The signature regions are read first: a fresh volume is all zeros there, and
+        then no signature can exist and blkid has nothing to find (a fresh Mount saves
+        its run). Only a device with data there is shown to blkid.
+        """
+        if await self._reads_blank(device):
+            return None
         argv = ["blkid", "--probe", "--output", "export", device]
         done = await self.runner(Command(argv, timeout=self.timeout, check=False))
         if done.returncode == BLKID_NOTHING_FOUND:
-            return await self._zeros_or_unrecognised(device)
+            return Signature({"TYPE": UNRECOGNISED})  # data, but nothing blkid knows
         if done.returncode != 0:
             raise ProcessError(f"blkid could not probe {device}: {done.output}", output=done.output)
         fields = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
         fields.pop("DEVNAME", None)
         return Signature(fields)
 
-    async def _zeros_or_unrecognised(self, device: str) -> Signature | None:
+    async def _reads_blank(self, device: str) -> bool:
+        """Whether the first and the last MiB read as zeros (both read at once)."""
         size = self.device_size(device)
         head = min(SIGNATURE_REGION, size)
         tail_start = max(size - SIGNATURE_REGION, head)
-        for start, length in ((0, head), (tail_start, size - tail_start)):
-            if length and not await self._reads_zeros(device, start, length):
-                return Signature({"TYPE": UNRECOGNISED})
-        return None
+        regions = [(start, length) for start, length in ((0, head), (tail_start, size - tail_start))
+                   if length]  # fmt: skip
+        zeros = await asyncio.gather(*(self._reads_zeros(device, *region) for region in regions))
+        return all(zeros)
 
     async def _reads_zeros(self, device: str, start: int, length: int) -> bool:
         argv = ["cmp", f"--ignore-initial={start}:0", f"--bytes={length}", device, "/dev/zero"]
         done = await self.runner(Command(argv, timeout=self.timeout, check=False))
-        if done.returncode == CMP_DIFFERENT and "EOF" not in done.output:
+        # cmp says "differ" on data; exit 1 with anything else (EOF: the device is shorter
+        # than sysfs says) is trouble, never a verdict.
+        if done.returncode == CMP_DIFFERENT and " differ: " in done.output:
             return False
         if done.returncode != 0:
             raise ProcessError(

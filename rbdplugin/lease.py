@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import rados
-import rbd
 
 from rbdplugin.ceph import CephClient
 
@@ -98,6 +97,9 @@ class LeaseDoc:
     @property
     def empty(self) -> bool:
         return self.writer is None and not self.readers
+
+    def claims(self) -> list[Claim]:
+        return ([self.writer] if self.writer else []) + list(self.readers.values())
 
     def claim_of(self, me: HostIdentity) -> Claim | None:
         if self.writer is not None and self.writer.belongs_to(me):
@@ -246,11 +248,8 @@ class Leases:
     # -- liveness --------------------------------------------------------------------------
 
     async def watchers(self, pool: str, image: str) -> set[str]:
-        def watchers(ioctx: rados.Ioctx) -> set[str]:
-            with rbd.Image(ioctx, image, read_only=True) as handle:
-                return {w["addr"] for w in handle.watchers_list()}
-
-        return await self.client.run(pool, f"reading who has {image!r} open", watchers)
+        found = await self.client.watchers(pool, image, None, f"reading who has {image!r} open")
+        return {str(w["addr"]) for w in found}
 
     @staticmethod
     def alive(claim: Claim, watchers: set[str]) -> bool:
@@ -266,7 +265,9 @@ class Leases:
             own, _ = await self.client.address()
 
             async def change(doc: LeaseDoc) -> LeaseDoc:
-                watchers = await self.watchers(pool, image)
+                # Who is alive matters only for claims of other hosts.
+                others = [c for c in doc.claims() if not c.belongs_to(self.me)]
+                watchers = await self.watchers(pool, image) if others else set()
                 return await self._claim(
                     doc, watchers, own, pool=pool, image=image, mode=mode, volume=volume
                 )
@@ -406,7 +407,7 @@ class Leases:
         if doc.empty:
             return []
         watchers = await self.watchers(pool, image)
-        claims = ([doc.writer] if doc.writer else []) + list(doc.readers.values())
+        claims = doc.claims()
         return [
             Holder(image, c.host, c.mode, c.since, tuple(c.addrs), self.alive(c, watchers))
             for c in claims

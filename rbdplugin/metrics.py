@@ -21,7 +21,12 @@ from prometheus_client.registry import Collector
 from rbdplugin import __version__
 
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-STAGES = ("create", "map", "probe", "mkfs", "mount", "unmount", "unmap", "remove")
+# inspect: reading a volume's info; claim and release: its lease; mark: our mkfs's
+# progress marks; reconcile: the whole start-up check of the mount table.
+STAGES = (
+    "create", "inspect", "claim", "map", "probe", "mark", "mkfs", "mount", "unmount", "unmap",
+    "release", "remove", "reconcile",
+)  # fmt: skip
 
 
 class Metrics:

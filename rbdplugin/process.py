@@ -267,6 +267,10 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
+# An export process exits within tens of ms of SIGTERM: every Unmount waits for it.
+STOP_POLL = 0.005
+
+
 async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
     """:func:`stop_pid` without blocking the event loop."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
@@ -282,5 +286,5 @@ async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
             _reap(pid)
             if not pid_alive(pid):
                 return True
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(STOP_POLL)
     return not pid_alive(pid)

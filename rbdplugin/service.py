@@ -149,19 +149,25 @@ class VolumeService:
                 f"-d {self.tenant.driver} --opt size=... {name}"
             )
         async with self._volume(request.name, "creating"):
-            info = await self._inspect_or_none(request.name)
-            if info is None:
-                info = await self._create_new(request)
+            if self.tenant.max_volumes or self.tenant.max_total_size:
+                info = await self._inspect_or_none(request.name)
+                if info is None:
+                    info = await self._create_new(request)
+                else:
+                    info = await self._accept_existing(request, info)
             else:
-                info = await self._accept_existing(request, info)
+                # Create first and look only on a clash (see _backend_create): a Create of
+                # a new volume, the common case, costs no look-up.
+                info = await self._backend_create(request)
             self.known.remember(info.name, self._status(info))
 
     async def _exists(self, name: str) -> bool:
         return await self._inspect_or_none(name) is not None
 
-    async def _inspect_or_none(self, name: str) -> VolumeInfo | None:
+    async def _inspect_or_none(self, name: str, watchers: bool = True) -> VolumeInfo | None:
         try:
-            return await self.backend.inspect(name)
+            with self.metrics.stage("inspect"):
+                return await self.backend.inspect(name, watchers=watchers)
         except NotFound:
             return None
 
@@ -247,7 +253,7 @@ class VolumeService:
         """The volume to mount. Never created here: Docker calls Create before the first
         Mount, so a missing volume at Mount was removed (maybe from another host), and an
         empty new one in its place would hide that from the container."""
-        info = await self._inspect_or_none(name)
+        info = await self._inspect_or_none(name, watchers=False)
         if info is not None:
             return info
         self.known.forget(name)
@@ -293,7 +299,8 @@ class VolumeService:
     async def get(self, name: str) -> VolumeView:
         name = validate_name(name)
         try:
-            info = await self.backend.inspect(name)
+            with self.metrics.stage("inspect"):
+                info = await self.backend.inspect(name)
         except NotFound as exc:
             self.known.forget(name)
             raise NotFound(f"volume {name!r} does not exist (driver {self.tenant.driver})") from exc
@@ -397,7 +404,7 @@ class VolumeService:
         async def learn(name: str) -> None:
             async with limit:
                 try:
-                    info = await self.backend.inspect(name)
+                    info = await self.backend.inspect(name, watchers=False)
                 except RbdPluginError as exc:  # List still answers, without its CreatedAt
                     log.debug("volume %s: no CreatedAt for List: %s", name, exc)
                     return
@@ -478,7 +485,8 @@ class VolumeService:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
         try:
-            await self.attacher.reconcile()
+            with self.metrics.stage("reconcile"):
+                await self.attacher.reconcile()
         except Exception:
             log.exception("driver %s: reconciling the mount table failed", self.tenant.driver)
         self._reconciled.set()
@@ -517,7 +525,8 @@ class VolumeService:
             log.exception("volume %s: lease check failed unexpectedly", volume)
 
     async def _refuse_if_held(self, name: str) -> None:
-        info = await self._inspect_or_none(name)
+        # Who has the image open is the back-end's check (its remove refuses then).
+        info = await self._inspect_or_none(name, watchers=False)
         if info is None or info.spec.source:
             return
         live = [h for h in await self.attacher.holders(info) if h.alive]
@@ -540,6 +549,7 @@ class VolumeService:
                     await task
         if self._tasks:  # let in-flight mounts and unmounts finish or roll back
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.known.close()
         await self.backend.close()
 
 

@@ -7,9 +7,12 @@ volume from its store when Get says "not found" at start-up.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -80,10 +83,19 @@ def read_json(path: Path, default: Any) -> Any:
 
 
 class KnownVolumes:
-    """Name -> last known Status of a tenant's volumes, persisted in ``path``."""
+    """Name -> last known Status of a tenant's volumes, persisted in ``path``.
 
-    def __init__(self, path: Path) -> None:
+    Inside the event loop, changes are written ``delay`` seconds later, in a thread,
+    many at once: the file is a cache (the truth is in Ceph), and writing and fsyncing
+    a thousand volumes' status on every Create or Get would stall every request.
+    """
+
+    def __init__(self, path: Path, delay: float = 1.0) -> None:
         self.path = path
+        self.delay = delay
+        self._dirty = False
+        self._writer: asyncio.Task[None] | None = None
+        self._writing = threading.Lock()  # one write of the file at a time
         raw = read_json(path, {})
         entries = raw.items() if isinstance(raw, dict) else ()
         # A cache: entries of the wrong shape are dropped, never fatal.
@@ -122,4 +134,35 @@ class KnownVolumes:
             self._save()
 
     def _save(self) -> None:
-        write_json(self.path, self._volumes)
+        self._dirty = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (tools, tests): write now
+            self.flush()
+            return
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_later())
+
+    async def _write_later(self) -> None:
+        await asyncio.sleep(self.delay)
+        while self._dirty:
+            self._dirty = False
+            text = json.dumps(self._volumes)  # on the loop: a consistent snapshot
+            await asyncio.to_thread(self._write, text)
+
+    def _write(self, text: str) -> None:
+        with self._writing:
+            write_text(self.path, text)
+
+    def flush(self) -> None:
+        """Write pending changes now."""
+        if self._dirty:
+            self._dirty = False
+            self._write(json.dumps(self._volumes))
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        self.flush()

@@ -106,8 +106,9 @@ class VolumeBackend(Protocol):
         """Record a Create's fstype and options on a volume made outside the plugin."""
         ...
 
-    async def inspect(self, name: str) -> VolumeInfo:
-        """The volume's info; :class:`~rbdplugin.errors.NotFound` if there is none."""
+    async def inspect(self, name: str, *, watchers: bool = True) -> VolumeInfo:
+        """The volume's info; :class:`~rbdplugin.errors.NotFound` if there is none.
+        ``watchers=False``: who has it open is not needed (it may cost a round trip)."""
         ...
 
     async def removed_hint(self, name: str) -> str:

@@ -227,7 +227,7 @@ class CinderBackend:
             {k: v for k, v in values.items() if v},
         )
 
-    async def inspect(self, name: str) -> VolumeInfo:
+    async def inspect(self, name: str, *, watchers: bool = True) -> VolumeInfo:
         return self._info(name, await self._volume(name))
 
     def _info(self, name: str, volume: Volume) -> VolumeInfo:

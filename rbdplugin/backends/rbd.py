@@ -22,6 +22,7 @@ from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
 from rbdplugin.ceph import CephClient, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import Conflict, NotFound, VolumeBusy
+from rbdplugin.rbdheader import Header, lookup_id, read_header, set_metadata
 from rbdplugin.spec import CreateRequest, VolumeSpec, is_volume_name
 
 META = "rbdplugin."
@@ -76,29 +77,38 @@ class RbdBackend:
                     f"volume {name!r} already exists in pool {pool}, not in the requested "
                     f"pool {spec.pool}; use another name or drop the pool option"
                 )
+        now = datetime.now(UTC)
         metadata = {
             f"{META}fstype": spec.fstype,
             f"{META}mkfs_options": shlex.join(spec.mkfs_options),
             f"{META}mount_options": ",".join(spec.mount_options),
             f"{META}created_by": host_id,
-            f"{META}created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            f"{META}created_at": _iso(now),
             f"{META}fresh": "1",
         }
+        metadata = {key: value for key, value in metadata.items() if value}
+        bits = feature_bits(spec.features)
 
-        def create(ioctx: rados.Ioctx) -> None:
-            rbd.RBD().create(
-                ioctx, name, spec.size, old_format=False, features=feature_bits(spec.features)
-            )
+        def create(ioctx: rados.Ioctx) -> str:
+            with _CompanionLookup(ioctx, name) as companion:  # answered while we create
+                rbd.RBD().create(ioctx, name, spec.size, old_format=False, features=bits)
             try:
-                with rbd.Image(ioctx, name) as image:
-                    _write_metadata(image, metadata)
+                if companion.found:
+                    raise Conflict(f"volume {name!r} already exists as a read-only companion")
+                image_id = lookup_id(ioctx, name)
+                if image_id is None:
+                    raise rbd.ImageNotFound(f"image {name!r} vanished right after its creation")
+                set_metadata(ioctx, image_id, metadata, [])
             except BaseException:
                 # Never leave an image without its metadata: it would be adopted as foreign.
                 rbd.RBD().remove(ioctx, name)
                 raise
+            return image_id
 
-        await self.client.run(spec.pool, f"creating volume {name!r}", create)
-        return await self.inspect(name)
+        image_id = await self.client.run(spec.pool, f"creating volume {name!r}", create)
+        # What inspect() would read back, without the round trips: it is all ours.
+        header = Header(image_id, spec.size, bits, now, metadata)
+        return self._info(name, spec.pool, header, {}, [])
 
     async def _create_companion(self, request: CreateRequest, host_id: str) -> VolumeInfo:
         name, source = request.name, request.spec.source
@@ -143,8 +153,10 @@ class RbdBackend:
         }
 
         def record(ioctx: rados.Ioctx) -> None:
-            with rbd.Image(ioctx, request.name) as image:
-                _write_metadata(image, values)
+            put = {key: value for key, value in values.items() if value}
+            set_metadata(
+                ioctx, _id_of(ioctx, request.name), put, [k for k in values if k not in put]
+            )
 
         pool = await self._pool_of(request.name)
         await self.client.run(pool, f"adopting image {request.name!r}", record)
@@ -152,14 +164,9 @@ class RbdBackend:
     # -- read --------------------------------------------------------------------------
 
     async def _exists(self, pool: str, name: str) -> bool:
-        def probe(ioctx: rados.Ioctx) -> bool:
-            try:
-                rbd.Image(ioctx, name, read_only=True).close()
-            except rbd.ImageNotFound:
-                return False
-            return True
-
-        return await self.client.run(pool, f"looking up volume {name!r}", probe)
+        return await self.client.run(
+            pool, f"looking up volume {name!r}", lambda io: lookup_id(io, name) is not None
+        )
 
     async def _pool_or_none(self, name: str) -> str | None:
         for pool in self.tenant.pools:
@@ -173,51 +180,65 @@ class RbdBackend:
             raise NotFound(f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}")
         return pool
 
-    async def inspect(self, name: str) -> VolumeInfo:
-        pool = await self._pool_or_none(name)
-        if pool is None:
-            companion = (await self._companions()).get(name)
-            if companion is None:
-                raise NotFound(
-                    f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}"
-                )
-            origin = await self.inspect(companion["source"])
-            return replace(
-                origin, name=name, created_at=companion["created_at"],
-                created_by=companion["created_by"], fresh=False,
-                spec=replace(origin.spec, source=companion["source"], access="ro"),
-            )  # fmt: skip
+    async def inspect(self, name: str, *, watchers: bool = True) -> VolumeInfo:
+        def read(ioctx: rados.Ioctx) -> tuple[Header, dict[str, str]] | None:
+            image_id = lookup_id(ioctx, name)
+            header = None if image_id is None else read_header(ioctx, image_id)
+            return None if header is None else (header, _format_marks(ioctx, header.image_id))
 
-        def read(ioctx: rados.Ioctx) -> VolumeInfo:
-            with rbd.Image(ioctx, name, read_only=True) as image:
-                meta = dict(image.metadata_list())
-                watchers = tuple(f"{w['addr']} (client.{w['id']})" for w in image.watchers_list())
-                spec = VolumeSpec(
-                    size=image.size(),
-                    fstype=meta.get(f"{META}fstype", ""),
-                    pool=pool,
-                    features=feature_names(image.features()),
-                    mkfs_options=tuple(shlex.split(meta.get(f"{META}mkfs_options", ""))),
-                    mount_options=tuple(
-                        o for o in meta.get(f"{META}mount_options", "").split(",") if o
-                    ),
-                )
-                created_at = meta.get(f"{META}created_at") or _iso(image.create_timestamp())
-                image_id = image.id()
-            marks = _format_marks(ioctx, image_id)
-            return VolumeInfo(
-                name=name,
-                spec=spec,
-                location=self.location(pool, name),
-                created_at=created_at,
-                created_by=meta.get(f"{META}created_by", ""),
-                fresh=meta.get(f"{META}fresh") == "1" and not marks,
-                formatted=_formatted(meta, marks),
-                unformat_hint=self._unformat_hint(pool, image_id),
-                watchers=watchers,
+        for pool in self.tenant.pools:
+            found = await self.client.run(pool, f"reading volume {name!r}", read)
+            if found is not None:
+                header, marks = found
+                watching = await self._watchers(pool, name, header) if watchers else []
+                return self._info(name, pool, header, marks, watching)
+        companion = (await self._companions()).get(name)
+        if companion is None:
+            raise NotFound(f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}")
+        origin = await self.inspect(companion["source"], watchers=watchers)
+        return replace(
+            origin, name=name, created_at=companion["created_at"],
+            created_by=companion["created_by"], fresh=False,
+            spec=replace(origin.spec, source=companion["source"], access="ro"),
+        )  # fmt: skip
+
+    async def _watchers(self, pool: str, name: str, header: Header) -> list[dict[str, object]]:
+        try:
+            return await self.client.watchers(
+                pool, name, header.image_id, f"reading who has {name!r} open"
             )
+        except NotFound:  # removed between the two reads
+            return []
 
-        return await self.client.run(pool, f"reading volume {name!r}", read)
+    def _info(
+        self,
+        name: str,
+        pool: str,
+        header: Header,
+        marks: Mapping[str, str],
+        watchers: list[dict[str, object]],
+    ) -> VolumeInfo:
+        meta = {k.removeprefix(META): v for k, v in header.metadata.items() if k.startswith(META)}
+        spec = VolumeSpec(
+            size=header.size,
+            fstype=meta.get("fstype", ""),
+            pool=pool,
+            features=feature_names(header.features),
+            mkfs_options=tuple(shlex.split(meta.get("mkfs_options", ""))),
+            mount_options=tuple(o for o in meta.get("mount_options", "").split(",") if o),
+        )
+        created = header.created
+        return VolumeInfo(
+            name=name,
+            spec=spec,
+            location=self.location(pool, name),
+            created_at=meta.get("created_at") or (_iso(created) if created else ""),
+            created_by=meta.get("created_by", ""),
+            fresh=meta.get("fresh") == "1" and not marks,
+            formatted=_formatted(meta, marks),
+            unformat_hint=self._unformat_hint(pool, header.image_id),
+            watchers=tuple(f"{w['addr']} (client.{w['id']})" for w in watchers),
+        )
 
     async def removed_hint(self, name: str) -> str:
         ns = f" --namespace {self.tenant.namespace}" if self.tenant.namespace else ""
@@ -283,9 +304,9 @@ class RbdBackend:
         pool = await self._pool_of(name)
 
         def read(ioctx: rados.Ioctx) -> bool:
-            with rbd.Image(ioctx, name, read_only=True) as image:
-                legacy = any(key == f"{META}formatting" for key, _ in image.metadata_list())
-                image_id = image.id()
+            image_id = _id_of(ioctx, name)
+            header = read_header(ioctx, image_id)
+            legacy = header is not None and f"{META}formatting" in header.metadata
             return legacy or "formatting" in _format_marks(ioctx, image_id)
 
         return await self.client.run(pool, f"reading volume {name!r}", read)
@@ -294,8 +315,7 @@ class RbdBackend:
         pool = await self._pool_of(name)
 
         def write(ioctx: rados.Ioctx) -> None:
-            with rbd.Image(ioctx, name, read_only=True) as image:
-                image_id = image.id()
+            image_id = _id_of(ioctx, name)
             with rados.WriteOpCtx() as op:
                 ioctx.set_omap(op, tuple(put), tuple(v.encode() for v in put.values()))
                 if drop:
@@ -334,8 +354,7 @@ class RbdBackend:
 
         def remove(ioctx: rados.Ioctx) -> RemoveOutcome:
             if policy == "delete":
-                with rbd.Image(ioctx, name, read_only=True) as image:
-                    image_id = image.id()
+                image_id = _id_of(ioctx, name)
                 rbd.RBD().remove(ioctx, name)
                 with contextlib.suppress(rados.ObjectNotFound):  # never formatted
                     ioctx.remove_object(FORMAT_MARKS + image_id)
@@ -362,14 +381,35 @@ class RbdBackend:
         await self.client.close()
 
 
-def _write_metadata(image: rbd.Image, values: Mapping[str, str | None]) -> None:
-    """Set each non-empty value; remove keys whose value is empty or None."""
-    for key, value in values.items():
-        if value:
-            image.metadata_set(key, value)
-        else:
-            with contextlib.suppress(KeyError):  # already absent
-                image.metadata_remove(key)
+def _id_of(ioctx: rados.Ioctx, name: str) -> str:
+    image_id = lookup_id(ioctx, name)
+    if image_id is None:
+        raise rbd.ImageNotFound(f"image {name!r} not found")
+    return image_id
+
+
+class _CompanionLookup:
+    """Whether ``name`` is a read-only companion, asked asynchronously on entry and
+    answered on exit: Create overlaps the question with the image's creation."""
+
+    def __init__(self, ioctx: rados.Ioctx, name: str) -> None:
+        self.ioctx = ioctx
+        self.name = name
+        self.found = False
+
+    def __enter__(self) -> _CompanionLookup:
+        self._op = rados.ReadOpCtx().__enter__()
+        self._entries, _ = self.ioctx.get_omap_vals_by_keys(self._op, (self.name,))
+        self._done = self.ioctx.operate_aio_read_op(self._op, COMPANIONS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._done.wait_for_complete()  # always: the op must outlive the request
+            if self._done.get_return_value() == 0:
+                self.found = bool(dict(self._entries))
+        finally:
+            self._op.__exit__(None, None, None)
 
 
 def _format_marks(ioctx: rados.Ioctx, image_id: str) -> dict[str, str]:
@@ -387,10 +427,11 @@ def _now() -> str:
 
 
 def _formatted(meta: Mapping[str, str], marks: Mapping[str, str]) -> str:
+    """``meta``: the image-meta keys without our prefix."""
     if marks.get("formatted"):
         return f"at {marks['formatted']}"
-    made_by_us = bool(meta.get(f"{META}created_by"))
-    if made_by_us and f"{META}fresh" not in meta and f"{META}formatting" not in meta:
+    made_by_us = bool(meta.get("created_by"))
+    if made_by_us and "fresh" not in meta and "formatting" not in meta:
         return "(before formatting times were recorded)"
     return ""
 

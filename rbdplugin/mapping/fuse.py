@@ -26,12 +26,12 @@ from rbdplugin.errors import (
     ProcessError,
 )
 from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice
-from rbdplugin.mapping.scan import loop_backing_files, mounts, processes
+from rbdplugin.mapping.scan import cmdline, loop_backing_files, mounts, processes, read
 from rbdplugin.process import Command, Runner, pid_alive, spawn, stop_pid_async
 
 log = logging.getLogger(__name__)
 PROGRAM = "qemu-storage-daemon"
-POLL = 0.02
+POLL = 0.005  # export readiness and loop detach: both usually take tens of ms
 
 
 # sysfs shows a loop device's backing file with this suffix once the file is unlinked.
@@ -140,14 +140,30 @@ class FuseMapper:
         return MappedDevice(self.name, image.spec, loops[0] if whole else "", details)
 
     async def broken(self, mapped: MappedDevice) -> str | None:
+        # Asked for every mounted volume at start-up and every few seconds: it reads the
+        # recorded process and loop device only, not every process and loop device.
         export = str(mapped.details.get("export", ""))
-        if not self._export_pids(export):
+        if not self._serves(mapped.details.get("pid"), export) and not self._export_pids(export):
             return f"its export process ({PROGRAM} for {export}) is gone"
         if export not in mounts(self.host):
             return f"its FUSE export {export} is no longer mounted"
-        if mapped.device not in self._loops_of(export):
+        name = mapped.device.removeprefix("/dev/")
+        backing = read(self.host.sys / "block" / name / "loop" / "backing_file")
+        if not name or backing.removesuffix(DELETED) != export:
             return f"{mapped.device} is no longer attached to its export {export}"
         return None
+
+    def _serves(self, pid: object, export: str) -> bool:
+        """Whether process ``pid`` is the export process of ``export``."""
+        if not isinstance(pid, int) or pid <= 0:
+            return False
+        argv = cmdline(self.host, pid)
+        wanted = f"mountpoint={_qemu_escape(export)}"
+        return (
+            bool(argv)
+            and Path(argv[0]).name == PROGRAM
+            and any(wanted in _qemu_options(arg) for arg in argv[1:])
+        )
 
     async def unmap(self, mapped: MappedDevice) -> None:
         export = str(mapped.details.get("export", ""))

@@ -192,7 +192,8 @@ def _stack(
 ) -> Stack:  # fmt: skip
     tenants = (tenant_toml(cluster, "alpha", default_size="256M")
                + tenant_toml(cluster, "beta", default_size="256M"))  # fmt: skip
-    daemon = daemon_factory(tenants, wait_for="alpha", host_id=host_id)
+    # Debug: the journeys read from the log which queries (List, Get) Docker sent us.
+    daemon = daemon_factory(tenants, wait_for="alpha", host_id=host_id, log_level="debug")
     drivers = {
         t: plugins.register(f"{label}{t}", daemon.socket_dir / f"{t}.sock")
         for t in ("alpha", "beta")
