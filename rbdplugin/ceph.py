@@ -91,7 +91,7 @@ class Connection:
         self._retired = False
         self._closing = False
         self._ioctxs: dict[str, rados.Ioctx] = {}
-        self._kept: dict[tuple[str, str], rbd.Image] = {}
+        self._kept: dict[tuple[str, str], _Kept] = {}
         self.lens = WatcherLens(size=8)
 
     def hold(self) -> bool:
@@ -164,22 +164,26 @@ class Connection:
         with self._lock:
             if key in self._kept:
                 return False
-        handle = rbd.Image(self.ioctx(pool), image)
+        kept = _Kept(rbd.Image(self.ioctx(pool), image))
         with self._lock:
-            kept = self._kept.setdefault(key, handle)
-        if kept is not handle:
-            handle.close()
+            found = self._kept.setdefault(key, kept)
+        if found is not kept:
+            kept.close()
             return False
         return True
 
     def close_kept(self, pool: str, image: str) -> None:
         with self._lock:
-            handle = self._kept.pop((pool, image), None)
-        if handle is not None:
-            handle.close()
+            kept = self._kept.pop((pool, image), None)
+        if kept is not None:
+            kept.close()
 
     def watchers(self, pool: str, image: str, image_id: str | None) -> list[dict[str, object]]:
-        # Never through a presence handle: close_kept() may close it meanwhile (a crash).
+        with self._lock:
+            kept = self._kept.get((pool, image))
+        found = kept.watchers() if kept is not None else None
+        if found is not None:  # asked through our presence handle: no open needed
+            return found
         ioctx = self.ioctx(pool)
         if image_id is None:
             image_id = lookup_id(ioctx, image)
@@ -190,6 +194,28 @@ class Connection:
     def keeps(self, pool: str, image: str) -> bool:
         with self._lock:
             return (pool, image) in self._kept
+
+
+class _Kept:
+    """A presence handle, which Get may also ask who has the image open: its lock keeps
+    it from being closed while a call uses it (a closed librbd handle crashes)."""
+
+    def __init__(self, image: rbd.Image) -> None:
+        self.image = image
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def watchers(self) -> list[dict[str, object]] | None:
+        with self._lock:
+            if self._closed:
+                return None
+            return [dict(w) for w in self.image.watchers_list()]
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.image.close()
 
 
 class CephClient:
@@ -321,8 +347,8 @@ class CephClient:
     async def watchers(
         self, pool: str, image: str, image_id: str | None, action: str
     ) -> list[dict[str, object]]:
-        """Who watches the header of ``image`` (whose id is ``image_id``, if known), asked
-        through a :class:`WatcherLens`."""
+        """Who watches the header of ``image`` (whose id is ``image_id``, if known): asked
+        through our presence handle when we keep one, else through a :class:`WatcherLens`."""
         return await self._on(
             await self._current(), lambda c: c.watchers(pool, image, image_id), action, pool
         )

@@ -16,11 +16,12 @@ which is never formatted either.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rbdplugin.errors import ProcessError, VolumeBusy
+from rbdplugin.errors import DeadlineExceeded, ProcessError, VolumeBusy
 from rbdplugin.host import HostPaths, mount_points_of, mounts
 from rbdplugin.process import Command, Runner
 
@@ -39,7 +40,6 @@ BLKID_NOTHING_FOUND = 2
 # Every signature blkid knows sits in the first or the last MiB (GPT backup, md 0.90/1.0
 # superblocks and ZFS labels at the end; the rest at the start).
 SIGNATURE_REGION = 1024 * 1024
-CMP_DIFFERENT = 1
 UNRECOGNISED = "unrecognised data"
 
 
@@ -116,28 +116,28 @@ class Filesystems:
         return Signature(fields)
 
     async def _reads_blank(self, device: str) -> bool:
-        """Whether the first and the last MiB read as zeros (both read at once)."""
+        """Whether the first and the last MiB read as zeros.
+
+        Read here rather than by a tool: two cmp runs cost a fresh Mount ~10 ms of its
+        ~100. A read that outlives the deadline is left to its thread, which ends with
+        an I/O error once the roll-back takes the mapping down.
+        """
         size = self.device_size(device)
         head = min(SIGNATURE_REGION, size)
         tail_start = max(size - SIGNATURE_REGION, head)
         regions = [(start, length) for start, length in ((0, head), (tail_start, size - tail_start))
                    if length]  # fmt: skip
-        zeros = await asyncio.gather(*(self._reads_zeros(device, *region) for region in regions))
-        return all(zeros)
-
-    async def _reads_zeros(self, device: str, start: int, length: int) -> bool:
-        argv = ["cmp", f"--ignore-initial={start}:0", f"--bytes={length}", device, "/dev/zero"]
-        done = await self.runner(Command(argv, timeout=self.timeout, check=False))
-        # cmp says "differ" on data; exit 1 with anything else (EOF: the device is shorter
-        # than sysfs says) is trouble, never a verdict.
-        if done.returncode == CMP_DIFFERENT and " differ: " in done.output:
-            return False
-        if done.returncode != 0:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.to_thread(_reads_zeros, device, regions)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"reading {device} to prove it blank did not finish within {self.timeout:.0f} s"
+            ) from exc
+        except OSError as exc:
             raise ProcessError(
-                f"cannot read {device} to prove it blank, so it is not formatted: {done.output}",
-                output=done.output,
-            )
-        return True
+                f"cannot read {device} to prove it blank, so it is not formatted: {exc}"
+            ) from exc
 
     def device_size(self, device: str) -> int:
         """The size of block device ``device`` in bytes, from sysfs."""
@@ -193,3 +193,18 @@ class Filesystems:
         size = st.f_blocks * st.f_frsize
         free = st.f_bavail * st.f_frsize
         return Usage(size=size, used=size - st.f_bfree * st.f_frsize, free=free)
+
+
+def _reads_zeros(device: str, regions: list[tuple[int, int]]) -> bool:
+    """Whether every byte of ``regions`` (start, length) of ``device`` is zero."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for start, length in regions:
+            data = os.pread(fd, length, start)
+            if len(data) != length:  # shorter than sysfs says: never a verdict
+                raise OSError(errno.EIO, f"read {len(data)} of {length} bytes at offset {start}")
+            if data.count(0) != length:
+                return False
+    finally:
+        os.close(fd)
+    return True

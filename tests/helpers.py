@@ -181,6 +181,22 @@ class Admin:
             except rados.ObjectNotFound:
                 return {}
 
+    @contextlib.contextmanager
+    def zeroed_ends(self, pool: str, image: str, region: int) -> Iterator[None]:
+        """The first and last ``region`` bytes of ``image`` zeroed (a wiped signature),
+        then put back as they were."""
+        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as im:
+            size = im.size()
+            ends = [(0, im.read(0, region)), (size - region, im.read(size - region, region))]
+            for offset, _ in ends:
+                im.write(b"\0" * region, offset)
+        try:
+            yield
+        finally:
+            with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as im:
+                for offset, data in ends:
+                    im.write(data, offset)
+
     def size(self, pool: str, image: str) -> int:
         with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
             size: int = im.size()

@@ -180,6 +180,13 @@ class RbdBackend:
             raise NotFound(f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}")
         return pool
 
+    async def _only_pool_or_lookup(self, name: str) -> str:
+        """The pool of ``name`` for a call that fails by itself if the image is absent:
+        with one pool, no look-up round trip is needed first."""
+        if len(self.tenant.pools) == 1:
+            return self.tenant.pools[0]
+        return await self._pool_of(name)
+
     async def inspect(self, name: str, *, watchers: bool = True) -> VolumeInfo:
         def read(ioctx: rados.Ioctx) -> tuple[Header, dict[str, str]] | None:
             image_id = lookup_id(ioctx, name)
@@ -301,7 +308,7 @@ class RbdBackend:
         await self._mark_format(name, {"formatted": _now()}, ("formatting",))
 
     async def formatting_interrupted(self, name: str) -> bool:
-        pool = await self._pool_of(name)
+        pool = await self._only_pool_or_lookup(name)
 
         def read(ioctx: rados.Ioctx) -> bool:
             image_id = _id_of(ioctx, name)
@@ -312,7 +319,7 @@ class RbdBackend:
         return await self.client.run(pool, f"reading volume {name!r}", read)
 
     async def _mark_format(self, name: str, put: dict[str, str], drop: tuple[str, ...]) -> None:
-        pool = await self._pool_of(name)
+        pool = await self._only_pool_or_lookup(name)
 
         def write(ioctx: rados.Ioctx) -> None:
             image_id = _id_of(ioctx, name)
