@@ -31,7 +31,7 @@ from typing import TypeVar
 from rbdplugin.backends import Attachment, Device, Holder, Locator, VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import DeadlineExceeded, InvalidArgument, RbdPluginError, VolumeBusy
-from rbdplugin.filesystem import UNRECOGNISED, Filesystems, Usage
+from rbdplugin.filesystem import SIGNATURE_REGION, UNRECOGNISED, Filesystems, Usage
 from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.spec import check_mkfs_words, parse_mount_options
@@ -220,7 +220,10 @@ class Attacher:
     async def _format_once(self, info: VolumeInfo, device: str, read_only: bool) -> str:
         wanted = info.spec.fstype
         with self.metrics.stage("probe"):
-            signature = await self.fs.probe(device)
+            # A fresh volume whose ends were never written is blank, proven by Ceph in one
+            # round trip; reading the device through its mapping took ~10 ms.
+            proven = info.fresh and await self.backend.ends_unwritten(info.name, SIGNATURE_REGION)
+            signature = None if proven else await self.fs.probe(device)
         if signature is None and read_only:
             raise InvalidArgument(
                 f"volume {info.name!r}: its source {info.spec.source!r} holds no filesystem yet; "

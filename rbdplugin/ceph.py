@@ -330,6 +330,11 @@ class CephClient:
         """Run ``fn(ioctx)`` for ``pool`` (in the tenant's namespace) in the thread pool."""
         return await self._on(await self._current(), lambda c: fn(c.ioctx(pool)), action, pool)
 
+    async def run_on(self, pool: str, action: str, fn: Callable[[Connection], T]) -> T:
+        """Like :meth:`run`, with the connection itself: for work that needs its I/O
+        context and its watcher lens in one trip to the pool."""
+        return await self._on(await self._current(), fn, action, pool)
+
     async def run_private(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
         """Like :meth:`run` with an I/O context of its own: for version-guarded updates,
         whose ``get_last_version()`` must not see another thread's operation."""

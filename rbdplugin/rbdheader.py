@@ -44,6 +44,11 @@ class Header:
     features: int
     created: datetime | None
     metadata: dict[str, str] = field(default_factory=dict)
+    order: int = 22  # objects of 2**order bytes
+    object_prefix: str = ""  # the data objects' names: <prefix>.<16 hex digits>
+    # A clone (its data partly in its parent) or an image with a separate data pool:
+    # its data objects are not all <prefix>.* in this pool.
+    data_elsewhere: bool = False
 
 
 def lookup_id(ioctx: rados.Ioctx, name: str) -> str | None:
@@ -77,7 +82,27 @@ def read_header(ioctx: rados.Ioctx, image_id: str) -> Header | None:
         features=_u64(values.get("features", b"")),
         created=_utime(values.get("create_timestamp", b"")),
         metadata=metadata,
+        order=values["order"][0] if values.get("order") else 22,
+        object_prefix=_string(values["object_prefix"]) if values.get("object_prefix") else "",
+        data_elsewhere="parent" in values or "data_pool_id" in values,
     )
+
+
+def unwritten(ioctx: rados.Ioctx, header: Header, regions: list[tuple[int, int]]) -> bool:
+    """Whether no data object under ``regions`` (start, length) of the image exists, so
+    those bytes read as zeros; False whenever that cannot be told this way."""
+    if header.data_elsewhere or not header.object_prefix:
+        return False
+    size = 1 << header.order
+    numbers = {n for start, length in regions if length
+               for n in range(start // size, (start + length - 1) // size + 1)}  # fmt: skip
+    for number in sorted(numbers):
+        try:
+            ioctx.stat(f"{header.object_prefix}.{number:016x}")
+        except rados.ObjectNotFound:
+            continue
+        return False
+    return True
 
 
 def set_metadata(ioctx: rados.Ioctx, image_id: str, put: dict[str, str], drop: list[str]) -> None:

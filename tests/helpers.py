@@ -181,6 +181,15 @@ class Admin:
             except rados.ObjectNotFound:
                 return {}
 
+    def write(self, pool: str, image: str, offset: int, data: bytes) -> None:
+        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image) as im:
+            im.write(data, offset)
+
+    def read(self, pool: str, image: str, offset: int, length: int) -> bytes:
+        with self.cluster.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as im:
+            data: bytes = im.read(offset, length)
+            return data
+
     @contextlib.contextmanager
     def zeroed_ends(self, pool: str, image: str, region: int) -> Iterator[None]:
         """The first and last ``region`` bytes of ``image`` zeroed (a wiped signature),

@@ -135,6 +135,12 @@ class VolumeBackend(Protocol):
         """True if our mkfs started on this volume and never finished."""
         ...
 
+    async def ends_unwritten(self, name: str, region: int) -> bool:
+        """True only if the first and last ``region`` bytes of the volume were provably
+        never written, so they read as zeros (no signature can be there); False when
+        that cannot be told without reading the device."""
+        ...
+
     async def usage(self) -> Usage:
         """How many volumes and bytes count against the tenant's quota."""
         ...

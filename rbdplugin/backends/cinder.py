@@ -338,6 +338,9 @@ class CinderBackend:
                 key,
             )
 
+    async def ends_unwritten(self, name: str, region: int) -> bool:
+        return False  # Cinder does not say which blocks were written: read the device
+
     async def formatting_interrupted(self, name: str) -> bool:
         return f"{META}formatting" in (await self._volume(name)).metadata
 

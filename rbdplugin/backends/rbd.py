@@ -14,15 +14,16 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 
 import rados
 import rbd
 
 from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
-from rbdplugin.ceph import CephClient, feature_bits, feature_names
+from rbdplugin.ceph import CephClient, Connection, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import Conflict, NotFound, VolumeBusy
-from rbdplugin.rbdheader import Header, lookup_id, read_header, set_metadata
+from rbdplugin.rbdheader import Header, lookup_id, read_header, set_metadata, unwritten
 from rbdplugin.spec import CreateRequest, VolumeSpec, is_volume_name
 
 META = "rbdplugin."
@@ -188,17 +189,31 @@ class RbdBackend:
         return await self._pool_of(name)
 
     async def inspect(self, name: str, *, watchers: bool = True) -> VolumeInfo:
-        def read(ioctx: rados.Ioctx) -> tuple[Header, dict[str, str]] | None:
+        Found = tuple[Header, dict[str, str], list[dict[str, object]]]
+
+        def read(conn: Connection, pool: str) -> Found | None:
+            # One trip to the thread pool, three round trips to Ceph: the id, then the
+            # header and our format marks side by side, then who has it open.
+            ioctx = conn.ioctx(pool)
             image_id = lookup_id(ioctx, name)
-            header = None if image_id is None else read_header(ioctx, image_id)
-            return None if header is None else (header, _format_marks(ioctx, header.image_id))
+            if image_id is None:
+                return None
+            with _FormatMarks(ioctx, image_id) as marks:
+                header = read_header(ioctx, image_id)
+            if header is None:
+                return None
+            try:
+                watching = conn.watchers(pool, name, image_id) if watchers else []
+            except rbd.ImageNotFound:  # removed between the reads
+                watching = []
+            return header, marks.found, watching
 
         for pool in self.tenant.pools:
-            found = await self.client.run(pool, f"reading volume {name!r}", read)
+            found = await self.client.run_on(
+                pool, f"reading volume {name!r}", partial(read, pool=pool)
+            )
             if found is not None:
-                header, marks = found
-                watching = await self._watchers(pool, name, header) if watchers else []
-                return self._info(name, pool, header, marks, watching)
+                return self._info(name, pool, *found)
         companion = (await self._companions()).get(name)
         if companion is None:
             raise NotFound(f"volume {name!r} does not exist in pool {', '.join(self.tenant.pools)}")
@@ -208,14 +223,6 @@ class RbdBackend:
             created_by=companion["created_by"], fresh=False,
             spec=replace(origin.spec, source=companion["source"], access="ro"),
         )  # fmt: skip
-
-    async def _watchers(self, pool: str, name: str, header: Header) -> list[dict[str, object]]:
-        try:
-            return await self.client.watchers(
-                pool, name, header.image_id, f"reading who has {name!r} open"
-            )
-        except NotFound:  # removed between the two reads
-            return []
 
     def _info(
         self,
@@ -318,6 +325,20 @@ class RbdBackend:
 
         return await self.client.run(pool, f"reading volume {name!r}", read)
 
+    async def ends_unwritten(self, name: str, region: int) -> bool:
+        pool = await self._only_pool_or_lookup(name)
+
+        def look(ioctx: rados.Ioctx) -> bool:
+            header = read_header(ioctx, _id_of(ioctx, name))
+            if header is None:
+                return False
+            tail = max(header.size - region, 0)
+            return unwritten(
+                ioctx, header, [(0, min(region, header.size)), (tail, header.size - tail)]
+            )
+
+        return await self.client.run(pool, f"reading volume {name!r}", look)
+
     async def _mark_format(self, name: str, put: dict[str, str], drop: tuple[str, ...]) -> None:
         pool = await self._only_pool_or_lookup(name)
 
@@ -415,6 +436,29 @@ class _CompanionLookup:
             self._done.wait_for_complete()  # always: the op must outlive the request
             if self._done.get_return_value() == 0:
                 self.found = bool(dict(self._entries))
+        finally:
+            self._op.__exit__(None, None, None)
+
+
+class _FormatMarks:
+    """Our format marks of an image, asked asynchronously on entry and read on exit."""
+
+    def __init__(self, ioctx: rados.Ioctx, image_id: str) -> None:
+        self.ioctx = ioctx
+        self.image_id = image_id
+        self.found: dict[str, str] = {}
+
+    def __enter__(self) -> _FormatMarks:
+        self._op = rados.ReadOpCtx().__enter__()
+        self._entries, _ = self.ioctx.get_omap_vals(self._op, "", "", 16)
+        self._done = self.ioctx.operate_aio_read_op(self._op, FORMAT_MARKS + self.image_id)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._done.wait_for_complete()  # always: the op must outlive the request
+            if self._done.get_return_value() == 0:
+                self.found = {key: value.decode() for key, value in self._entries}
         finally:
             self._op.__exit__(None, None, None)
 

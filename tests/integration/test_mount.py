@@ -271,6 +271,24 @@ def test_a_device_with_a_foreign_signature_is_refused_untouched(
     hand_mapped("alpha", name, "blkid -p DEV | grep -q 'TYPE=\"swap\"'")  # type: ignore[operator]
 
 
+@pytest.mark.parametrize("where", ["head", "tail"])
+def test_a_fresh_volume_written_behind_our_back_is_refused_untouched(
+    daemon: DaemonProcess, admin: Admin, where: str
+) -> None:
+    # Blank is proven from Ceph when no data object under either end exists; one block
+    # written at one end (through librbd, not by us) must send the Mount to the device.
+    client, name = daemon.client("alpha"), unique(f"behind-{where}")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    assert admin.metadata("alpha", name)["rbdplugin.fresh"] == "1"
+    offset = 0 if where == "head" else 64 * MiB - 4096
+    admin.write("alpha", name, offset, b"\x5a" * 4096)
+    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})
+    assert "holds data that no probe recognises" in reply["Err"], reply
+    assert "never formatted over" in reply["Err"]
+    assert admin.read("alpha", name, offset, 4096) == b"\x5a" * 4096
+    assert leftovers(daemon, admin, "alpha", name) == []
+
+
 # -- restarts ----------------------------------------------------------------------------
 
 
