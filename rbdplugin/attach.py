@@ -176,8 +176,9 @@ class Attacher:
         record.phase = "mapped"
         self.table.save(record)
         record.fstype = await self._format_once(info, record.device.path, read_only)
+        # Not saved: a crash from here on finds the mount by its mount point (a teardown
+        # of any phase unmounts it), so this costs no fsync on every Mount.
         record.phase = "mounting"
-        self.table.save(record)
         stored = _stored(
             "mount-options", info, parse_mount_options, ",".join(info.spec.mount_options)
         )

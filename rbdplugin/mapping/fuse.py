@@ -130,12 +130,13 @@ class FuseMapper:
 
     async def find(self, image: ImageRef) -> MappedDevice | None:
         export = self.export_path(image)
-        loops = self._loops_of(str(export))
-        if not loops and not os.path.lexists(export):
-            # An export process serves a FUSE mount on the export file, which then
-            # cannot be removed: with no file there is none (and no need to read every
-            # process's command line, as every fresh Mount would).
+        if not os.path.lexists(export):
+            # An export process serves a FUSE mount on the export file, and a loop device
+            # is attached to that file; unmap() removes the file last. No file: nothing
+            # to find, without reading every process and loop device (every fresh Mount
+            # asks, and a host may have hundreds of loop devices).
             return None
+        loops = self._loops_of(str(export))
         pids = self._export_pids(str(export))
         exported = str(export) in mounts(self.host)
         if not (pids or loops or exported):
