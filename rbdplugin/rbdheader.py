@@ -21,6 +21,7 @@ handles for that (a read-only open registers no watch, so the lens is invisible)
 
 from __future__ import annotations
 
+import errno
 import struct
 import threading
 from collections import OrderedDict
@@ -143,6 +144,41 @@ def _encode_map(values: dict[str, str]) -> bytes:
     for key, value in values.items():
         out += [_encode_str(key), _encode_str(value)]
     return b"".join(out)
+
+
+class OmapRead:
+    """An object's omap (or only ``keys`` of it), asked asynchronously when the ``with``
+    block starts and read when it ends: the round trip overlaps the block's own work.
+    ``values`` is empty if the object does not exist; any other failure raises."""
+
+    def __init__(
+        self, ioctx: rados.Ioctx, oid: str, keys: tuple[str, ...] | None = None, limit: int = 16
+    ) -> None:
+        self.ioctx = ioctx
+        self.oid = oid
+        self.keys = keys
+        self.limit = limit
+        self.values: dict[str, bytes] = {}
+
+    def __enter__(self) -> OmapRead:
+        self._op = rados.ReadOpCtx().__enter__()
+        if self.keys is None:
+            self._entries, _ = self.ioctx.get_omap_vals(self._op, "", "", self.limit)
+        else:
+            self._entries, _ = self.ioctx.get_omap_vals_by_keys(self._op, self.keys)
+        self._done = self.ioctx.operate_aio_read_op(self._op, self.oid)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._done.wait_for_complete()  # always: the op must outlive the request
+            code = self._done.get_return_value()
+            if code == 0:
+                self.values = dict(self._entries)
+            elif code != -errno.ENOENT:
+                raise rados.Error(f"reading the omap of {self.oid}", errno=-code)
+        finally:
+            self._op.__exit__(None, None, None)
 
 
 class WatcherLens:

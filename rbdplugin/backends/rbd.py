@@ -23,7 +23,14 @@ from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
 from rbdplugin.ceph import CephClient, Connection, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import Conflict, NotFound, VolumeBusy
-from rbdplugin.rbdheader import Header, lookup_id, read_header, set_metadata, unwritten
+from rbdplugin.rbdheader import (
+    Header,
+    OmapRead,
+    lookup_id,
+    read_header,
+    set_metadata,
+    unwritten,
+)
 from rbdplugin.spec import CreateRequest, VolumeSpec, is_volume_name
 
 META = "rbdplugin."
@@ -91,10 +98,12 @@ class RbdBackend:
         bits = feature_bits(spec.features)
 
         def create(ioctx: rados.Ioctx) -> str:
-            with _CompanionLookup(ioctx, name) as companion:  # answered while we create
-                rbd.RBD().create(ioctx, name, spec.size, old_format=False, features=bits)
+            created = False
             try:
-                if companion.found:
+                with OmapRead(ioctx, COMPANIONS, keys=(name,)) as companion:  # read meanwhile
+                    rbd.RBD().create(ioctx, name, spec.size, old_format=False, features=bits)
+                    created = True
+                if companion.values:
                     raise Conflict(f"volume {name!r} already exists as a read-only companion")
                 image_id = lookup_id(ioctx, name)
                 if image_id is None:
@@ -102,7 +111,8 @@ class RbdBackend:
                 set_metadata(ioctx, image_id, metadata, [])
             except BaseException:
                 # Never leave an image without its metadata: it would be adopted as foreign.
-                rbd.RBD().remove(ioctx, name)
+                if created:
+                    rbd.RBD().remove(ioctx, name)
                 raise
             return image_id
 
@@ -198,7 +208,7 @@ class RbdBackend:
             image_id = lookup_id(ioctx, name)
             if image_id is None:
                 return None
-            with _FormatMarks(ioctx, image_id) as marks:
+            with OmapRead(ioctx, FORMAT_MARKS + image_id) as marks:
                 header = read_header(ioctx, image_id)
             if header is None:
                 return None
@@ -206,7 +216,7 @@ class RbdBackend:
                 watching = conn.watchers(pool, name, image_id) if watchers else []
             except rbd.ImageNotFound:  # removed between the reads
                 watching = []
-            return header, marks.found, watching
+            return header, _decoded(marks.values), watching
 
         for pool in self.tenant.pools:
             found = await self.client.run_on(
@@ -416,61 +426,14 @@ def _id_of(ioctx: rados.Ioctx, name: str) -> str:
     return image_id
 
 
-class _CompanionLookup:
-    """Whether ``name`` is a read-only companion, asked asynchronously on entry and
-    answered on exit: Create overlaps the question with the image's creation."""
-
-    def __init__(self, ioctx: rados.Ioctx, name: str) -> None:
-        self.ioctx = ioctx
-        self.name = name
-        self.found = False
-
-    def __enter__(self) -> _CompanionLookup:
-        self._op = rados.ReadOpCtx().__enter__()
-        self._entries, _ = self.ioctx.get_omap_vals_by_keys(self._op, (self.name,))
-        self._done = self.ioctx.operate_aio_read_op(self._op, COMPANIONS)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._done.wait_for_complete()  # always: the op must outlive the request
-            if self._done.get_return_value() == 0:
-                self.found = bool(dict(self._entries))
-        finally:
-            self._op.__exit__(None, None, None)
-
-
-class _FormatMarks:
-    """Our format marks of an image, asked asynchronously on entry and read on exit."""
-
-    def __init__(self, ioctx: rados.Ioctx, image_id: str) -> None:
-        self.ioctx = ioctx
-        self.image_id = image_id
-        self.found: dict[str, str] = {}
-
-    def __enter__(self) -> _FormatMarks:
-        self._op = rados.ReadOpCtx().__enter__()
-        self._entries, _ = self.ioctx.get_omap_vals(self._op, "", "", 16)
-        self._done = self.ioctx.operate_aio_read_op(self._op, FORMAT_MARKS + self.image_id)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._done.wait_for_complete()  # always: the op must outlive the request
-            if self._done.get_return_value() == 0:
-                self.found = {key: value.decode() for key, value in self._entries}
-        finally:
-            self._op.__exit__(None, None, None)
-
-
 def _format_marks(ioctx: rados.Ioctx, image_id: str) -> dict[str, str]:
-    try:
-        with rados.ReadOpCtx() as op:
-            entries, _ = ioctx.get_omap_vals(op, "", "", 16)
-            ioctx.operate_read_op(op, FORMAT_MARKS + image_id)
-            return {key: value.decode() for key, value in entries}
-    except rados.ObjectNotFound:
-        return {}
+    with OmapRead(ioctx, FORMAT_MARKS + image_id) as marks:
+        pass
+    return _decoded(marks.values)
+
+
+def _decoded(values: Mapping[str, bytes]) -> dict[str, str]:
+    return {key: value.decode() for key, value in values.items()}
 
 
 def _now() -> str:
