@@ -328,7 +328,9 @@ def test_a_daemon_crash_with_a_live_mapping_is_not_taken_over(
     assert b.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "c"}) == {"Err": ""}
 
 
-def test_read_only_companions_share_and_exclude_writers(hosts: tuple[Host, Host]) -> None:
+def test_read_only_companions_share_and_exclude_writers(
+    hosts: tuple[Host, Host], admin: Admin
+) -> None:
     a, b = hosts
     volume, companion = unique("src"), unique("ro")
     path = a.create_and_mount(volume)
@@ -338,6 +340,10 @@ def test_read_only_companions_share_and_exclude_writers(hosts: tuple[Host, Host]
     err = a.client.create(unique("bad"), {"access": "ro"})["Err"]
     assert "access=ro needs source=VOLUME" in err
     assert a.client.create(companion, {"source": volume}) == {"Err": ""}
+    # Its name is taken: a Create of it as a volume of its own never makes an image.
+    err = a.client.create(companion, {"size": "8M"})["Err"]
+    assert f"volume '{companion}' already exists" in err, err
+    assert companion not in admin.images("alpha")
     assert companion in b.client.names()  # global: every host sees it
     assert b.client.get(companion)["Volume"]["Status"]["image"].endswith(f"/{volume}")
 
