@@ -218,12 +218,6 @@ class WatcherLens:
         for old in evicted:
             old.close()
 
-    def forget(self, pool: str, image_id: str) -> None:
-        with self._lock:
-            handle = self._handles.pop((pool, image_id), None)
-        if handle is not None:
-            handle.close()
-
     def close(self) -> None:
         with self._lock:
             handles, self._handles = list(self._handles.values()), OrderedDict()
