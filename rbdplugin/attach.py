@@ -172,10 +172,18 @@ class Attacher:
                 f"volume {info.name!r}: its image {self.describe(record)} is already mounted on "
                 f"this host as volume {sharing[0].volume!r}; one host mounts an image once"
             )
-        record.device = await self._expose(info, record.locator, read_only)
-        record.phase = "mapped"
-        self.table.save(record)
-        record.fstype = await self._format_once(info, record.device.path, read_only)
+        # Whether a fresh volume was ever written is Ceph's to say (its data objects),
+        # asked while the mapping comes up rather than after it.
+        blank = asyncio.ensure_future(self._proven_blank(info))
+        try:
+            record.device = await self._expose(info, record.locator, read_only)
+            record.phase = "mapped"
+            self.table.save(record)
+            proven = await blank
+        finally:
+            blank.cancel()  # a no-op once it is done
+            blank.add_done_callback(_consume)
+        record.fstype = await self._format_once(info, record.device.path, read_only, proven)
         # Not saved: a crash from here on finds the mount by its mount point (a teardown
         # of any phase unmounts it), so this costs no fsync on every Mount.
         record.phase = "mounting"
@@ -218,13 +226,22 @@ class Attacher:
         with self.metrics.stage("map"):
             return await self.attachment.attach(info, locator, read_only)
 
-    async def _format_once(self, info: VolumeInfo, device: str, read_only: bool) -> str:
-        wanted = info.spec.fstype
+    async def _proven_blank(self, info: VolumeInfo) -> bool:
+        """True if Ceph shows that a fresh volume's ends were never written."""
+        if not info.fresh:
+            return False
+        # One round trip; reading the device through its mapping took ~10 ms.
         with self.metrics.stage("probe"):
-            # A fresh volume whose ends were never written is blank, proven by Ceph in one
-            # round trip; reading the device through its mapping took ~10 ms.
-            proven = info.fresh and await self.backend.ends_unwritten(info.name, SIGNATURE_REGION)
-            signature = None if proven else await self.fs.probe(device)
+            return await self.backend.ends_unwritten(info.name, SIGNATURE_REGION)
+
+    async def _format_once(
+        self, info: VolumeInfo, device: str, read_only: bool, proven_blank: bool
+    ) -> str:
+        wanted = info.spec.fstype
+        signature = None
+        if not proven_blank:
+            with self.metrics.stage("probe"):
+                signature = await self.fs.probe(device)
         if signature is None and read_only:
             raise InvalidArgument(
                 f"volume {info.name!r}: its source {info.spec.source!r} holds no filesystem yet; "
@@ -458,6 +475,12 @@ class Attacher:
             await self.check_lease(record)
         except RbdPluginError as exc:
             log.error("volume %s: cannot check its lease yet: %s", record.volume, exc)
+
+
+def _consume(task: asyncio.Future[bool]) -> None:
+    """Retrieve an abandoned task's outcome, so asyncio does not log it as lost."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _stored(

@@ -16,6 +16,8 @@ import os
 import signal
 import socket
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,8 @@ SUN_PATH_MAX = 107
 DRAIN_SECONDS = 30.0
 PROGRESS_SECONDS = 0.5  # how often the service manager's STATUS follows reconciling
 TRIM_SECONDS = 5.0  # malloc_trim of a ~70 MiB process takes well under a millisecond
+# asyncio.to_thread's pool (state-file writes, device reads): the size asyncio would pick.
+BLOCKING_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
 
 @dataclass(frozen=True)
@@ -314,6 +318,7 @@ async def serve(config: Config, notifier: Notifier | None = None) -> None:
     memory.limit_arenas()  # before librados and the thread pools start their threads
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(started_pool(BLOCKING_THREADS, "blocking"))
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     notifier.status("starting: binding the driver sockets")
@@ -335,6 +340,20 @@ async def serve(config: Config, notifier: Notifier | None = None) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await daemon.stop()
+
+
+def started_pool(size: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool whose ``size`` threads all run from the start.
+
+    A pool starts a thread only when a task finds none idle, so asyncio's default pool
+    grew by a thread whenever a burst of Mounts first overlapped one more time: the
+    daemon's thread count crept up for hours. Started whole, it stays flat.
+    """
+    pool = ThreadPoolExecutor(size, name)
+    all_running = threading.Barrier(size)
+    for _ in range(size):  # each waits for the others, so none is idle for the next
+        pool.submit(all_running.wait)
+    return pool
 
 
 async def trim_memory() -> None:
