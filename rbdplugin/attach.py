@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rbdplugin.backends import Attachment, Device, Holder, Locator, VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
@@ -38,6 +38,8 @@ from rbdplugin.spec import check_mkfs_words, parse_mount_options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", str, Sequence[str])
+# Holders asked for ahead of knowing the volume: the locator guessed, and the read.
+Ahead = tuple[Locator, "asyncio.Task[list[Holder]]"]
 # Always on volume mounts unless the tenant opts out: a volume is tenant data, and a
 # setuid binary or device node on it must not act on the host.
 HOST_SAFE_OPTIONS = ("nosuid", "nodev")
@@ -106,8 +108,22 @@ class Attacher:
         """The filesystem usage of a mounted record; OSError if it cannot be read."""
         return self.fs.usage(Path(record.mountpoint))
 
-    async def holders(self, info: VolumeInfo) -> list[Holder]:
-        return await self.attachment.holders(info)
+    def holders_ahead(self, name: str) -> Ahead | None:
+        """Start reading the holders of volume ``name`` before the volume is read, where
+        its locator can be guessed: :meth:`holders` takes the answer if the guess held."""
+        locator = self.attachment.likely_locator(name)
+        if locator is None:
+            return None
+        return locator, asyncio.ensure_future(self.attachment.holders(locator))
+
+    async def holders(self, info: VolumeInfo, ahead: Ahead | None = None) -> list[Holder]:
+        locator = self.attachment.locate(info)
+        if ahead is not None:
+            guessed, task = ahead
+            if guessed == locator:
+                return await task
+            abandon(task)
+        return await self.attachment.holders(locator)
 
     def describe(self, record: MountRecord) -> str:
         return self.attachment.describe(record.locator)
@@ -181,8 +197,7 @@ class Attacher:
             self.table.save(record)
             proven = await blank
         finally:
-            blank.cancel()  # a no-op once it is done
-            blank.add_done_callback(_consume)
+            abandon(blank)
         record.fstype = await self._format_once(info, record.device.path, read_only, proven)
         # Not saved: a crash from here on finds the mount by its mount point (a teardown
         # of any phase unmounts it), so this costs no fsync on every Mount.
@@ -477,8 +492,13 @@ class Attacher:
             log.error("volume %s: cannot check its lease yet: %s", record.volume, exc)
 
 
-def _consume(task: asyncio.Future[bool]) -> None:
-    """Retrieve an abandoned task's outcome, so asyncio does not log it as lost."""
+def abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` if it still runs; its outcome is not wanted (nor logged as lost)."""
+    task.cancel()  # a no-op once it is done
+    task.add_done_callback(_consume)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from rbdplugin.attach import Attacher
+from rbdplugin.attach import Ahead, Attacher, abandon
 from rbdplugin.backends import VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import (
@@ -298,6 +298,15 @@ class VolumeService:
 
     async def get(self, name: str) -> VolumeView:
         name = validate_name(name)
+        # Who holds it is read beside the volume itself (one round trip, not two in a row).
+        ahead = self.attacher.holders_ahead(name)
+        try:
+            return await self._get(name, ahead)
+        finally:
+            if ahead is not None:
+                abandon(ahead[1])  # unless taken: a Get that failed, or a wrong guess
+
+    async def _get(self, name: str, ahead: Ahead | None) -> VolumeView:
         try:
             with self.metrics.stage("inspect"):
                 info = await self.backend.inspect(name)
@@ -319,7 +328,7 @@ class VolumeService:
             return VolumeView(name, self.path(name), status, rfc3339(cached.get("created_at")))
         status = self._status(info)
         self.known.remember(name, status)
-        holders = await self._holders(info)
+        holders = await self._holders(info, ahead)
         if holders:
             status["held_by"] = holders
         if name in self._trouble:
@@ -331,9 +340,9 @@ class VolumeService:
             rfc3339(info.created_at),
         )
 
-    async def _holders(self, info: VolumeInfo) -> list[dict[str, Any]]:
+    async def _holders(self, info: VolumeInfo, ahead: Ahead | None) -> list[dict[str, Any]]:
         try:
-            holders = await self.attacher.holders(info)
+            holders = await self.attacher.holders(info, ahead)
         except RbdPluginError as exc:
             log.warning("volume %s: cannot read its lease: %s", info.name, exc)
             return []

@@ -201,8 +201,14 @@ class Attachment(Protocol):
         """Why ``device`` can no longer serve I/O, or None if it looks healthy."""
         ...
 
-    async def holders(self, info: VolumeInfo) -> list[Holder]:
-        """Every host's claim on ``info``'s storage."""
+    def likely_locator(self, name: str) -> Locator | None:
+        """The locator volume ``name`` has if it exists and is no companion, when that
+        can be told without asking anyone (None if not): Get reads the holders there
+        while the volume itself is read."""
+        ...
+
+    async def holders(self, locator: Locator) -> list[Holder]:
+        """Every host's claim on the storage at ``locator``."""
         ...
 
     def upgrade_record(self, entry: dict[str, Any]) -> dict[str, Any]:

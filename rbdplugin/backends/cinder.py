@@ -451,8 +451,11 @@ class CinderBackend:
             return f"{link} no longer points at {device.path}"
         return None
 
-    async def holders(self, info: VolumeInfo) -> list[Holder]:
-        volume = await self._volume(info.name)
+    def likely_locator(self, name: str) -> Locator | None:
+        return None  # a locator is a Cinder volume id: only a look-up by name tells it
+
+    async def holders(self, locator: Locator) -> list[Holder]:
+        volume = await self._get(locator)
         return [Holder(server, "rw", "", True) for server in volume.servers]
 
     def upgrade_record(self, entry: dict[str, Any]) -> dict[str, Any]:

@@ -82,8 +82,14 @@ class RbdAttachment:
     async def broken(self, device: Device) -> str | None:
         return await self.mapper.broken(_mapped(device))
 
-    async def holders(self, info: VolumeInfo) -> list[Holder]:
-        found = await self.leases.holders(info.spec.pool, info.spec.source or info.name)
+    def likely_locator(self, name: str) -> Locator | None:
+        pools = self.tenant.pools
+        if len(pools) != 1:  # which pool holds it is known only once it is found
+            return None
+        return {"pool": pools[0], "namespace": self.tenant.namespace, "image": name}
+
+    async def holders(self, locator: Locator) -> list[Holder]:
+        found = await self.leases.holders(locator["pool"], locator["image"])
         return [Holder(h.host, h.mode, h.since, h.alive) for h in found]
 
     def upgrade_record(self, entry: dict[str, Any]) -> dict[str, Any]:

@@ -356,6 +356,14 @@ def test_read_only_companions_share_and_exclude_writers(
         assert sha(ro / "data") == digest
         with pytest.raises(OSError):
             (ro / "nope").write_text("x")
+    # Get tells who holds the image, for the source (whose holders are read beside it)
+    # and for the companion (its image is the source's: that read is done after it).
+    for name in (volume, companion):
+        held = b.client.get(name)["Volume"]["Status"]["held_by"]
+        assert sorted((h["host"], h["access"], h["alive"]) for h in held) == [
+            ("host-a", "ro", True),
+            ("host-b", "ro", True),
+        ], (name, held)
     for host in (a, b):  # both hold it read-only themselves
         err = host.mount(volume, "rw")["Err"]
         assert f"this host ({host.name}) has it mounted read-only" in err, err
@@ -372,6 +380,9 @@ def test_read_only_companions_share_and_exclude_writers(
     assert a.mount(volume, "rw")["Err"] == ""
     err = b.mount(companion, "b3")["Err"]
     assert "is mounted read-write on host host-a" in err
+    for name in (volume, companion):
+        held = b.client.get(name)["Volume"]["Status"]["held_by"]
+        assert [(h["host"], h["access"], h["alive"]) for h in held] == [("host-a", "rw", True)]
     assert a.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": "rw"}) == {"Err": ""}
     assert "has read-only companion volume(s)" in a.client.remove(volume)["Err"]
     assert a.client.remove(companion) == {"Err": ""}
