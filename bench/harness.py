@@ -8,6 +8,7 @@ exported or looped under the bench's own directory.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import os
 import shutil
@@ -107,6 +108,8 @@ class Env:
     # -- start ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        # The daemon as installed: with its bytecode (make setup compiles it too).
+        compileall.compile_dir(REPO / "rbdplugin", quiet=1)
         self.cluster.start(tenants=[TENANT, DELETE_TENANT])
         self.metrics_addr = f"127.0.0.1:{free_ports(1)[0]}"
         self.config.write_text(self._config_text())

@@ -420,9 +420,9 @@ class Attacher:
         if not record.lost:
             await self.check_leases_of(volume)
 
-    async def check_lease(self, record: MountRecord) -> None:
+    async def check_lease(self, record: MountRecord, renew: bool = True) -> None:
         """Notice (once) that another host took this mounted volume over."""
-        claimed = await self.attachment.still_claimed(record.locator)
+        claimed = await self.attachment.still_claimed(record.locator, renew)
         if claimed or record.lost:
             return
         holder = await self.attachment.claimant(record.locator)
@@ -487,7 +487,10 @@ class Attacher:
         log.info("volume %s: still mounted at %s for %d reference(s); kept",
                  record.volume, record.mountpoint, record.references)  # fmt: skip
         try:
-            await self.check_lease(record)
+            # The claim is read now; the new connection's watch on the image (which a
+            # mounted image does not need meanwhile: its mapping's own client watches
+            # it) is renewed by the first round of lease checks, right after start-up.
+            await self.check_lease(record, renew=False)
         except RbdPluginError as exc:
             log.error("volume %s: cannot check its lease yet: %s", record.volume, exc)
 

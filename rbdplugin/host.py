@@ -7,6 +7,9 @@ path comes from :class:`HostPaths`, so tests point it at fixture trees.
 
 from __future__ import annotations
 
+import io
+import select
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +38,22 @@ def unescape(field: str) -> str:
     )
 
 
-def mounts(host: HostPaths) -> dict[str, tuple[str, str, str]]:
-    """Mount point -> (source, fstype, super options) from /proc/self/mountinfo; last one wins."""
+MountTable = dict[str, tuple[str, str, str]]
+
+
+def mounts(host: HostPaths) -> MountTable:
+    """Mount point -> (source, fstype, super options) from /proc/self/mountinfo; last one
+    wins. On the real /proc, the table is re-read only after the kernel reports a mount
+    or unmount (see :class:`_Watched`); super options may then be those of the last such
+    event (a filesystem remounting itself read-only after errors is not one)."""
+    if host.proc == REAL_PROC:
+        return dict(_WATCHED.table())
+    return _parse(read(host.proc / "self" / "mountinfo"))
+
+
+def _parse(text: str) -> MountTable:
     found = {}
-    for line in read(host.proc / "self" / "mountinfo").splitlines():
+    for line in text.splitlines():
         left, _, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
         if len(fields) >= 5 and len(tail) >= 2:
@@ -48,6 +63,48 @@ def mounts(host: HostPaths) -> dict[str, tuple[str, str, str]]:
                 tail[2] if len(tail) > 2 else "",
             )
     return found
+
+
+class _Watched:
+    """This process's mount table, kept from one mount or unmount to the next.
+
+    Reading mountinfo makes the kernel print every mount (1 ms here, with a few hundred)
+    and the daemon asks often: every mounted volume at start-up and each health check,
+    every 5 ms while an export comes up. An open mountinfo polls with POLLPRI after the
+    namespace's table changed since the last poll, so an unchanged table is one poll.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._poll: select.poll | None = None
+        self._file: io.FileIO | None = None
+        self._table: MountTable = {}
+        self.reads = 0
+
+    def table(self) -> MountTable:
+        with self._lock:
+            if self._poll is None:
+                self._open()
+            elif self._poll.poll(0):  # changed since the last poll: read it again
+                self._read()
+            return self._table
+
+    def _open(self) -> None:
+        self._file = io.FileIO(self.path, "r")  # kept open: its polls tell of changes
+        self._poll = select.poll()
+        self._poll.register(self._file, select.POLLPRI)
+        self._read()  # after open: a change from here on shows at the next poll
+
+    def _read(self) -> None:
+        if self._file is not None:
+            self._file.seek(0)
+            self._table = _parse(self._file.readall().decode(errors="replace"))
+            self.reads += 1
+
+
+REAL_PROC = Path("/proc")
+_WATCHED = _Watched(REAL_PROC / "self" / "mountinfo")
 
 
 def mount_points_of(host: HostPaths, device: str) -> list[str]:

@@ -381,14 +381,16 @@ class Leases:
         finally:
             await self._close_presence(pool, image)
 
-    async def check(self, pool: str, image: str) -> Claim | None:
-        """Our claim on ``image`` as it stands in Ceph (None: lost), keeping presence up."""
+    async def check(self, pool: str, image: str, renew: bool = True) -> Claim | None:
+        """Our claim on ``image`` as it stands in Ceph (None: lost), keeping presence up
+        (unless not ``renew``)."""
         doc, _ = await self.read(pool, image)
         claim = doc.claim_of(self.me)
         if claim is None:
             await self._close_presence(pool, image)
             return None
-        if not self.client.keeps_open(pool, image):  # the connection was reset: watch again
+        # A new connection (a restart, or a reset one) watches again.
+        if renew and not self.client.keeps_open(pool, image):
             await self._open_presence(pool, image)
             own, _ = await self.client.address()
 

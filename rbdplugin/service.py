@@ -511,11 +511,11 @@ class VolumeService:
         return self._reconciled.is_set()
 
     async def _check_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease_check_seconds)
+        while True:  # the first round at once: start-up leaves the renewals to it
             for record in self.attacher.records():
                 if record.phase == "mounted":
                     await self._check_one(record.volume)
+            await asyncio.sleep(self.lease_check_seconds)
 
     async def _check_one(self, volume: str) -> None:
         """Check one mounted volume's mapping and lease; no error stops the other checks."""

@@ -188,9 +188,9 @@ class Attachment(Protocol):
         """Give back this host's claim (never anyone else's)."""
         ...
 
-    async def still_claimed(self, locator: Locator) -> bool:
-        """True while this host's claim stands (renewing what keeps it alive); False
-        once another host took the storage over."""
+    async def still_claimed(self, locator: Locator, renew: bool = True) -> bool:
+        """True while this host's claim stands (and, if ``renew``, renewing what keeps
+        it alive); False once another host took the storage over."""
         ...
 
     async def claimant(self, locator: Locator) -> str:

@@ -433,7 +433,8 @@ class CinderBackend:
     async def release(self, locator: Locator) -> None:
         """Nothing to give back: Cinder's attachment was the claim, and detach ended it."""
 
-    async def still_claimed(self, locator: Locator) -> bool:
+    async def still_claimed(self, locator: Locator, renew: bool = True) -> bool:
+        # Nova's attachment is the claim: nothing of ours keeps it alive.
         try:
             return self.server_id in (await self._get(locator)).servers
         except (OpenStackUnavailable, DeadlineExceeded):

@@ -72,8 +72,8 @@ class RbdAttachment:
 
     # -- checks ----------------------------------------------------------------------------
 
-    async def still_claimed(self, locator: Locator) -> bool:
-        return await self.leases.check(locator["pool"], locator["image"]) is not None
+    async def still_claimed(self, locator: Locator, renew: bool = True) -> bool:
+        return await self.leases.check(locator["pool"], locator["image"], renew) is not None
 
     async def claimant(self, locator: Locator) -> str:
         doc, _ = await self.leases.read(locator["pool"], locator["image"])
