@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from rbdplugin.backends import Attachment, Device, Holder, Locator, VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
+from rbdplugin.crashpoints import crash_point
 from rbdplugin.errors import DeadlineExceeded, InvalidArgument, RbdPluginError, VolumeBusy
 from rbdplugin.filesystem import SIGNATURE_REGION, UNRECOGNISED, Filesystems, Usage
 from rbdplugin.metrics import Metrics
@@ -154,6 +155,7 @@ class Attacher:
             )
         record.counts[mount_id] = record.counts.get(mount_id, 0) + 1
         self.table.save(record)
+        crash_point("mount.after-reference-saved")
         return record.mountpoint
 
     async def mount(self, info: VolumeInfo, mount_id: str) -> str:
@@ -168,6 +170,7 @@ class Attacher:
             mode="ro" if info.spec.access == "ro" else "rw",
         )  # fmt: skip
         self.table.save(record)
+        crash_point("mount.after-record")
         try:
             await self._attach(info, record, mount_id)
         except BaseException as exc:
@@ -195,6 +198,7 @@ class Attacher:
             record.device = await self._expose(info, record.locator, read_only)
             record.phase = "mapped"
             self.table.save(record)
+            crash_point("mount.after-mapped-saved")
             proven = await blank
         finally:
             abandon(blank)
@@ -210,10 +214,12 @@ class Attacher:
             options += HOST_SAFE_OPTIONS
         with self.metrics.stage("mount"):
             await self.fs.mount(record.device.path, Path(record.mountpoint), record.fstype, options)
+        crash_point("mount.after-mount-syscall")
         record.phase = "mounted"
         record.since = _now()
         record.counts = {mount_id: 1}
         self.table.save(record)
+        crash_point("mount.after-mounted-saved")
         log.info("volume %s: mounted %s at %s (%s)", info.name, record.device.path,
                  record.mountpoint, record.device.via)  # fmt: skip
 
@@ -304,6 +310,7 @@ class Attacher:
     async def _mkfs(self, info: VolumeInfo, device: str, fstype: str, force: bool) -> None:
         with self.metrics.stage("mark"):
             await self.backend.formatting_started(info.name)
+        crash_point("mkfs.after-mark-started")
         started = time.monotonic()
         extra = _stored(
             "mkfs-options", info, lambda name, words: check_mkfs_words(name, fstype, words),
@@ -311,8 +318,10 @@ class Attacher:
         )  # fmt: skip
         with self.metrics.stage("mkfs"):
             await self.fs.mkfs(device, fstype, fast=info.fresh, extra=extra, force=force)
+        crash_point("mkfs.after-mkfs")
         with self.metrics.stage("mark"):
             await self.backend.formatting_done(info.name)
+        crash_point("mkfs.after-mark-done")
         log.info("volume %s: made %s on %s in %.1f s%s", info.name, fstype, device,
                  time.monotonic() - started, " (fast)" if info.fresh else "")  # fmt: skip
 
@@ -328,9 +337,11 @@ class Attacher:
             del record.counts[mount_id]
         if record.counts:
             self.table.save(record)
+            crash_point("unmount.after-reference-saved")
             return
         record.phase = "unmounting"
         self.table.save(record)
+        crash_point("unmount.after-unmounting-saved")
         try:
             await self._owned_teardown(record)
         except RbdPluginError:
@@ -376,6 +387,7 @@ class Attacher:
         """Undo whatever stages of ``record`` happened; then forget it (and only it)."""
         with self.metrics.stage("unmount"):
             await self.fs.unmount(Path(record.mountpoint))
+        crash_point("unmount.after-umount")
         # Another volume mounted here on the same storage owns that device and claim.
         shared = bool(self._sharing(record))
         if record.device is not None:
@@ -383,6 +395,7 @@ class Attacher:
                 await self.attachment.detach(record.device)
         elif not shared:
             await self._detach_unrecorded(record.locator)
+        crash_point("unmount.after-unmap")
         with contextlib.suppress(OSError):
             Path(record.mountpoint).rmdir()
         if self.table.get(record.volume) is not record:
@@ -393,6 +406,7 @@ class Attacher:
             with self.metrics.stage("release"):
                 await self.attachment.release(record.locator)
         self.table.drop(record.volume)
+        crash_point("unmount.after-record-drop")
 
     async def _detach_unrecorded(self, locator: Locator) -> None:
         """A device of ``locator`` our crash or roll-back may have left unrecorded; never one

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import rados
 
 from rbdplugin.ceph import CephClient
+from rbdplugin.crashpoints import crash_point
 
 # The two lease errors live in the error tree: callers above the back-ends catch them
 # without knowing leases.
@@ -261,6 +262,7 @@ class Leases:
         """Claim ``image`` for this host in ``mode``, or raise :class:`LeaseConflict`."""
         # A presence handle that was already open serves a mount that is still here.
         opened = await self._open_presence(pool, image)
+        crash_point("lease.after-presence")
         try:
             own, _ = await self.client.address()
 
@@ -273,6 +275,7 @@ class Leases:
                 )
 
             await self._update(pool, image, change)
+            crash_point("lease.after-claim")
         except BaseException:
             if opened:
                 await self._close_presence(pool, image)
@@ -329,6 +332,7 @@ class Leases:
                 f"then run `rbdplugin locks break {volume}` and mount again"
             )
         await self.fence(writer, image)
+        crash_point("takeover.after-fence")
         log.warning("volume %s: took over from %s after fencing it", volume, describe(writer))
         if self.metrics is not None:
             self.metrics.takeovers.labels(self.client.tenant.name).inc()
@@ -342,6 +346,7 @@ class Leases:
                 f"fencing {addr} of host {claim.host} for image {image!r}",
                 lambda cluster, a=addr: cluster.blocklist_add(a, self.fence_seconds),  # type: ignore[misc]
             )
+            crash_point("fence.after-blocklist")
         log.warning("image %s: fenced host %s (%s)", image, claim.host, ", ".join(fenced))
         if self.metrics is not None:
             self.metrics.fencings.labels(self.client.tenant.name).inc(len(fenced))
@@ -360,6 +365,7 @@ class Leases:
             return doc
 
         await self._update(pool, image, change)
+        crash_point("lease.after-record-mapping")
 
     async def release(self, pool: str, image: str) -> None:
         """Drop this host's claim (never anyone else's)."""
@@ -374,12 +380,14 @@ class Leases:
 
         try:
             await self._update(pool, image, change)
+            crash_point("lease.after-release")
         except CorruptLease as exc:
             # Not ours to repair: the operator must check and break it (the Err of every
             # later Mount says how); the unmount itself is done.
             log.error("%s", exc)
         finally:
             await self._close_presence(pool, image)
+        crash_point("lease.after-presence-close")
 
     async def check(self, pool: str, image: str, renew: bool = True) -> Claim | None:
         """Our claim on ``image`` as it stands in Ceph (None: lost), keeping presence up

@@ -22,6 +22,7 @@ import rbd
 from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
 from rbdplugin.ceph import CephClient, Connection, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
+from rbdplugin.crashpoints import crash_point
 from rbdplugin.errors import Conflict, NotFound, VolumeBusy
 from rbdplugin.rbdheader import (
     Header,
@@ -103,12 +104,14 @@ class RbdBackend:
                 with OmapRead(ioctx, COMPANIONS, keys=(name,)) as companion:  # read meanwhile
                     rbd.RBD().create(ioctx, name, spec.size, old_format=False, features=bits)
                     created = True
+                    crash_point("create.after-image")
                 if companion.values:
                     raise Conflict(f"volume {name!r} already exists as a read-only companion")
                 image_id = lookup_id(ioctx, name)
                 if image_id is None:
                     raise rbd.ImageNotFound(f"image {name!r} vanished right after its creation")
                 set_metadata(ioctx, image_id, metadata, [])
+                crash_point("create.after-metadata")
             except BaseException:
                 # Never leave an image without its metadata: it would be adopted as foreign.
                 if created:
@@ -394,11 +397,14 @@ class RbdBackend:
             if policy == "delete":
                 image_id = _id_of(ioctx, name)
                 rbd.RBD().remove(ioctx, name)
+                crash_point("remove.after-image")
                 with contextlib.suppress(rados.ObjectNotFound):  # never formatted
                     ioctx.remove_object(FORMAT_MARKS + image_id)
+                crash_point("remove.after-format-marks")
                 return "deleted"
             if policy == "trash":
                 rbd.RBD().trash_move(ioctx, name, self.tenant.trash_delay)
+                crash_point("remove.after-trash")
                 return "trashed"
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             rbd.RBD().rename(ioctx, name, f"{name}{KEPT_MARK}{stamp}")

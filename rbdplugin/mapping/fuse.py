@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from rbdplugin.crashpoints import crash_point
 from rbdplugin.errors import (
     CephUnavailable,
     DeadlineExceeded,
@@ -90,6 +91,7 @@ class FuseMapper:
         mapped = MappedDevice(self.name, image.spec, "", {"pid": pid, "export": str(export)})
         try:
             await self._wait_exported(image, export, pid, logfile)
+            crash_point("map.after-export")
             argv = [
                 "losetup",
                 "--find",
@@ -98,6 +100,7 @@ class FuseMapper:
                 str(export),
             ]
             done = await self.runner(Command(argv, timeout=self.timeout))
+            crash_point("map.after-loop")
         except BaseException:
             await asyncio.shield(self.unmap(mapped))
             raise
@@ -177,9 +180,11 @@ class FuseMapper:
             return
         for device in self._loops_of(export):
             await self._detach(device)
+        crash_point("unmap.after-loop-detach")
         for pid in self._export_pids(export):
             if not await stop_pid_async(pid, timeout=self.timeout / 2):
                 raise ProcessError(f"the export process {pid} of {mapped.image} did not stop")
+        crash_point("unmap.after-export-stop")
         if export in mounts(self.host):
             # The export's server is gone; only a dead FUSE mount is left to drop.
             await self.runner(Command(["umount", "--lazy", export], timeout=self.timeout))
