@@ -14,8 +14,8 @@ Create
     create.after-image          the image exists, without our metadata yet
     create.after-metadata       the image and its metadata exist; Docker has no answer
 Remove
-    remove.after-image          delete policy: the image is gone, our format marks not yet
-    remove.after-format-marks   delete policy: both are gone; Docker has no answer
+    remove.after-format-marks   delete policy: our format marks are gone, the image not yet
+    remove.after-image          delete policy: both are gone; Docker has no answer
     remove.after-trash          trash policy: the image is in the trash; Docker has no answer
 Mount
     mount.after-record          the mount table has the new record (phase mapping)

@@ -396,11 +396,14 @@ class RbdBackend:
         def remove(ioctx: rados.Ioctx) -> RemoveOutcome:
             if policy == "delete":
                 image_id = _id_of(ioctx, name)
-                rbd.RBD().remove(ioctx, name)
-                crash_point("remove.after-image")
+                # Marks first: once the image is gone, a retry cannot find its id, and a
+                # crash in between would leak the marks. Marks gone, image not: the retry
+                # removes it; a Mount still finds its filesystem (never blank ends).
                 with contextlib.suppress(rados.ObjectNotFound):  # never formatted
                     ioctx.remove_object(FORMAT_MARKS + image_id)
                 crash_point("remove.after-format-marks")
+                rbd.RBD().remove(ioctx, name)
+                crash_point("remove.after-image")
                 return "deleted"
             if policy == "trash":
                 rbd.RBD().trash_move(ioctx, name, self.tenant.trash_delay)

@@ -172,10 +172,16 @@ def _remove(run: Run) -> None:
     client = run.start(run.point)
     assert client.create(run.name, {"size": SIZE}) == {"Err": ""}
     run.write_blob(mount(client, run.name, "c1"))  # formatted: our format marks exist
+    run.fs_uuid = run.device_uuid()
     unmount(client, run.name, "c1")
     marks = f"rbdplugin.format.{_image_id(run)}"
     run.dies("VolumeDriver.Remove", {"Name": run.name})
     client = run.start()
+    if run.name in run.admin.images(POOL):  # half-removed: still a whole volume
+        path = mount(client, run.name, "c2")
+        run.check_blob(path)
+        assert run.device_uuid() == run.fs_uuid, "formatted twice"
+        unmount(client, run.name, "c2")
     assert client.remove(run.name) == {"Err": ""}
     assert run.name not in run.admin.images(POOL) and run.name not in client.names()
     in_trash = run.name in run.admin.trash(POOL)
