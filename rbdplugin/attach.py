@@ -202,7 +202,26 @@ class Attacher:
             proven = await blank
         finally:
             abandon(blank)
-        record.fstype = await self._format_once(info, record.device.path, read_only, proven)
+        record.fstype, marking = await self._format_once(
+            info, record.device.path, read_only, proven
+        )
+        try:
+            await self._mount(info, record, record.device.path, read_only)
+        finally:
+            if marking is not None:  # its mkfs is done: the mark is true either way
+                await marking
+        crash_point("mount.after-mount-syscall")
+        record.phase = "mounted"
+        record.since = _now()
+        record.counts = {mount_id: 1}
+        self.table.save(record)
+        crash_point("mount.after-mounted-saved")
+        log.info("volume %s: mounted %s at %s (%s)", info.name, record.device.path,
+                 record.mountpoint, record.device.via)  # fmt: skip
+
+    async def _mount(
+        self, info: VolumeInfo, record: MountRecord, device: str, read_only: bool
+    ) -> None:
         # Not saved: a crash from here on finds the mount by its mount point (a teardown
         # of any phase unmounts it), so this costs no fsync on every Mount.
         record.phase = "mounting"
@@ -213,15 +232,7 @@ class Attacher:
         if self.tenant.nosuid_nodev:
             options += HOST_SAFE_OPTIONS
         with self.metrics.stage("mount"):
-            await self.fs.mount(record.device.path, Path(record.mountpoint), record.fstype, options)
-        crash_point("mount.after-mount-syscall")
-        record.phase = "mounted"
-        record.since = _now()
-        record.counts = {mount_id: 1}
-        self.table.save(record)
-        crash_point("mount.after-mounted-saved")
-        log.info("volume %s: mounted %s at %s (%s)", info.name, record.device.path,
-                 record.mountpoint, record.device.via)  # fmt: skip
+            await self.fs.mount(device, Path(record.mountpoint), record.fstype, options)
 
     def _sharing(self, record: MountRecord) -> list[MountRecord]:
         """Other volumes of this table on the same storage (a source and its companions)."""
@@ -257,7 +268,9 @@ class Attacher:
 
     async def _format_once(
         self, info: VolumeInfo, device: str, read_only: bool, proven_blank: bool
-    ) -> str:
+    ) -> tuple[str, asyncio.Task[None] | None]:
+        """The filesystem to mount, after making it if the volume is blank; and the
+        write of the mark that says so, still under way (see :meth:`_mkfs`)."""
         wanted = info.spec.fstype
         signature = None
         if not proven_blank:
@@ -279,8 +292,7 @@ class Attacher:
             if not read_only and await self.backend.formatting_interrupted(info.name):
                 # Our own mkfs died half-way: nothing was ever mounted, so redo it.
                 log.warning("volume %s: finishing an interrupted mkfs", info.name)
-                await self._mkfs(info, device, wanted, force=True)
-                return wanted
+                return wanted, await self._mkfs(info, device, wanted, force=True)
             kind = signature.mountable_as
             if signature.type == UNRECOGNISED:
                 raise InvalidArgument(
@@ -299,15 +311,16 @@ class Attacher:
             if wanted and kind != wanted:
                 log.warning("volume %s: has %s, not the requested %s; mounting it as it is",
                             info.name, kind, wanted)  # fmt: skip
-            return kind
+            return kind, None
         if not wanted:
             raise InvalidArgument(
                 f"volume {info.name!r} is blank and has no fstype; create it with --opt fstype=ext4"
             )
-        await self._mkfs(info, device, wanted, force=False)
-        return wanted
+        return wanted, await self._mkfs(info, device, wanted, force=False)
 
-    async def _mkfs(self, info: VolumeInfo, device: str, fstype: str, force: bool) -> None:
+    async def _mkfs(
+        self, info: VolumeInfo, device: str, fstype: str, force: bool
+    ) -> asyncio.Task[None]:
         with self.metrics.stage("mark"):
             await self.backend.formatting_started(info.name)
         crash_point("mkfs.after-mark-started")
@@ -319,11 +332,17 @@ class Attacher:
         with self.metrics.stage("mkfs"):
             await self.fs.mkfs(device, fstype, fast=info.fresh, extra=extra, force=force)
         crash_point("mkfs.after-mkfs")
+        log.info("volume %s: made %s on %s in %.1f s%s", info.name, fstype, device,
+                 time.monotonic() - started, " (fast)" if info.fresh else "")  # fmt: skip
+        # Marked done while the new filesystem is mounted, not before: should the mark
+        # not land (a crash), the next Mount redoes the mkfs, harmless since this Mount
+        # has not answered, so nothing was written to the filesystem yet.
+        return asyncio.ensure_future(self._formatted(info))
+
+    async def _formatted(self, info: VolumeInfo) -> None:
         with self.metrics.stage("mark"):
             await self.backend.formatting_done(info.name)
         crash_point("mkfs.after-mark-done")
-        log.info("volume %s: made %s on %s in %.1f s%s", info.name, fstype, device,
-                 time.monotonic() - started, " (fast)" if info.fresh else "")  # fmt: skip
 
     # -- Unmount -------------------------------------------------------------------------
 

@@ -32,7 +32,10 @@ from rbdplugin.process import Command, Runner, pid_alive, spawn, stop_pid_async
 
 log = logging.getLogger(__name__)
 PROGRAM = "qemu-storage-daemon"
-POLL = 0.005  # export readiness and loop detach: both usually take tens of ms
+POLL = 0.005  # loop detach: usually tens of ms
+# Export readiness, every Mount waits for it (~40 ms): a look at the mount table is
+# one poll(2) until it changes (see rbdplugin.host), so the wait can look often.
+EXPORT_POLL = 0.001
 
 
 # sysfs shows a loop device's backing file with this suffix once the file is unlinked.
@@ -114,7 +117,7 @@ class FuseMapper:
                 return
             if not (self.host.proc / str(pid)).exists() or not pid_alive(pid):
                 raise _export_error(image, logfile.read_text(errors="replace"))
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(EXPORT_POLL)
         raise DeadlineExceeded(
             f"the FUSE export of {image.spec} was not ready within {self.timeout:.0f} s"
         )
