@@ -26,6 +26,7 @@ claim gone.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -148,6 +149,14 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+async def _opened(presence: asyncio.Future[bool]) -> bool:
+    """Whether ``presence`` opened a handle that was not open before (waiting for it)."""
+    try:
+        return await asyncio.shield(presence)
+    except Exception:
+        return False
+
+
 def describe(claim: Claim) -> str:
     return f"host {claim.host} (since {claim.since}, from {', '.join(claim.addrs) or 'no address'})"
 
@@ -260,9 +269,9 @@ class Leases:
 
     async def acquire(self, pool: str, image: str, mode: Mode, volume: str) -> None:
         """Claim ``image`` for this host in ``mode``, or raise :class:`LeaseConflict`."""
-        # A presence handle that was already open serves a mount that is still here.
-        opened = await self._open_presence(pool, image)
-        crash_point("lease.after-presence")
+        # The presence handle opens while the lease is read; it must be up before our
+        # claim is written (from then on, other hosts judge us alive by its watch).
+        presence = asyncio.ensure_future(self._open_presence(pool, image))
         try:
             own, _ = await self.client.address()
 
@@ -270,14 +279,18 @@ class Leases:
                 # Who is alive matters only for claims of other hosts.
                 others = [c for c in doc.claims() if not c.belongs_to(self.me)]
                 watchers = await self.watchers(pool, image) if others else set()
-                return await self._claim(
+                new = await self._claim(
                     doc, watchers, own, pool=pool, image=image, mode=mode, volume=volume
                 )
+                await presence
+                crash_point("lease.after-presence")
+                return new
 
             await self._update(pool, image, change)
             crash_point("lease.after-claim")
         except BaseException:
-            if opened:
+            # A presence handle that was already open serves a mount that is still here.
+            if await _opened(presence):
                 await self._close_presence(pool, image)
             raise
 
