@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -354,6 +355,44 @@ class DevCluster:
         self._save(ClusterState(state.fsid, state.v1_port, state.v2_port, state.store,
                                 state.tenants, {}))  # fmt: skip
         return stopped
+
+    def stop_one(self, name: str) -> None:
+        """Stop one daemon (``mon.a`` or ``osd.0``) cleanly; its data stays (memstore
+        saves it on a clean stop) and :meth:`start_one` starts it again on that data."""
+        pid = self.running().get(name)
+        if pid is None:
+            raise RbdPluginError(f"{name} of the dev cluster in {self.root} is not running")
+        if not stop_pid(pid):
+            raise RbdPluginError(f"{name} (pid {pid}) did not stop")
+
+    def start_one(self, name: str) -> None:
+        """Start a daemon that :meth:`stop_one` stopped, and wait until it serves."""
+        state = self.state()
+        if state is None or name not in state.pids:
+            raise RbdPluginError(f"the dev cluster in {self.root} has no {name}")
+        if name in self.running():
+            raise RbdPluginError(f"{name} of the dev cluster in {self.root} already runs")
+        argv = self._osd_argv() if name == "osd.0" else ["ceph-mon", "-i", "a", "-f", "-c",
+                                                          str(self.conf)]  # fmt: skip
+        self._spawn(state, name, argv)
+        with self.admin() as cluster:
+            self._wait_osd_up(cluster)
+
+    @contextmanager
+    def frozen(self, *names: str) -> Iterator[None]:
+        """Some daemons stopped with SIGSTOP (a black hole: connections are accepted, nothing
+        answers); always continued afterwards."""
+        running = self.running()
+        missing = [name for name in names if name not in running]
+        if missing:
+            raise RbdPluginError(f"{', '.join(missing)} of the dev cluster do(es) not run")
+        try:
+            for name in names:
+                os.kill(running[name], signal.SIGSTOP)
+            yield
+        finally:
+            for name in names:
+                os.kill(running[name], signal.SIGCONT)
 
     def status(self) -> dict[str, Any]:
         state = self.state()
