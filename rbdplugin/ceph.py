@@ -239,6 +239,7 @@ class CephClient:
         # Connections not shut down yet: the current one and retired ones still in use.
         self._live: set[Connection] = set()
         self._connecting = asyncio.Lock()
+        self._attempt: asyncio.Future[None] | None = None  # the connect attempt under way
 
     @property
     def connected(self) -> bool:
@@ -249,6 +250,17 @@ class CephClient:
         return f"client.{self.tenant.user}"
 
     async def connect(self) -> None:
+        """Connect unless connected. Callers that arrive during an attempt share it and its
+        outcome: each trying in turn behind the last (in a black hole, a client timeout
+        each) made the last caller of a burst wait for all of them, past every deadline."""
+        if self._connection is not None:
+            return
+        if self._attempt is None or self._attempt.done():
+            self._attempt = asyncio.ensure_future(self._connect_once())
+            self._attempt.add_done_callback(_seen)
+        await asyncio.shield(self._attempt)
+
+    async def _connect_once(self) -> None:
         async with self._connecting:
             if self._connection is None:
                 try:
@@ -470,6 +482,12 @@ class CephClient:
                 "tenant %s: Ceph connection still in use by a stuck call; it is shut down "
                 "when that call ends", self.tenant.name,
             )  # fmt: skip
+
+
+def _seen(attempt: asyncio.Future[None]) -> None:
+    """Its callers got the outcome (or went away): never 'exception was never retrieved'."""
+    if not attempt.cancelled():
+        attempt.exception()
 
 
 def _release_if_cancelled(future: Future[Any], conn: Connection) -> None:
