@@ -288,10 +288,21 @@ class VolumeService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(lambda _: self._in_flight.pop(key, None))
+            task.add_done_callback(_seen)  # its caller may have gone at the deadline
         else:
             coro.close()
             log.info("volume %s: %s for ID %s joins the one in flight", key[1], key[0], key[2])
-        result: T = await asyncio.shield(task)
+        try:
+            # The work's own deadline may be followed by its roll-back (a mapping process
+            # that ignores SIGTERM while Ceph is away takes seconds to stop): the caller
+            # gets its answer at the deadline all the same.
+            async with asyncio.timeout(self.op_timeout):
+                result: T = await asyncio.shield(task)
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"{key[0]}ing volume {key[1]!r} did not finish within {self.op_timeout:.0f} s; "
+                "what it started is undone in the background"
+            ) from exc
         return result
 
     # -- Get / List / Path -------------------------------------------------------------
@@ -574,6 +585,11 @@ def rfc3339(value: object) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _seen(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _mount_id(mount_id: object) -> str:
