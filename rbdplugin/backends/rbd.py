@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import replace
@@ -23,7 +24,7 @@ from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
 from rbdplugin.ceph import CephClient, Connection, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
 from rbdplugin.crashpoints import crash_point
-from rbdplugin.errors import Conflict, NotFound, VolumeBusy
+from rbdplugin.errors import CephError, Conflict, NotFound, VolumeBusy
 from rbdplugin.rbdheader import (
     Header,
     OmapRead,
@@ -65,10 +66,19 @@ class RbdBackend:
         return self.client.connected
 
     async def probe(self) -> None:
-        with contextlib.suppress(NotFound):  # an OSD answered: that is all a probe asks
+        with contextlib.suppress(NotFound):  # an OSD answered
             await self.client.run(
                 self.tenant.pool, "probing Ceph", lambda io: io.stat("rbdplugin.probe")
             )
+        # And a monitor: without one no mapping can connect (every new Mount fails) and a
+        # dropped connection cannot be replaced, even while calls to the OSDs still pass.
+        wait = self.client.ceph.client_timeout
+        ret, _, err = await self.client.run_cluster(
+            "asking a Ceph monitor",
+            lambda c: c.mon_command('{"prefix": "version"}', b"", timeout=wait),
+        )
+        if ret != 0:  # an error of its own: a probe must not drop a connection still of use
+            raise CephError(f"no Ceph monitor answered ({err or os.strerror(-ret)})")
 
     def location(self, pool: str, name: str) -> str:
         ns = f"{self.tenant.namespace}/" if self.tenant.namespace else ""
