@@ -31,7 +31,13 @@ from typing import Any, TypeVar
 from rbdplugin.backends import Attachment, Device, Holder, Locator, VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
 from rbdplugin.crashpoints import crash_point
-from rbdplugin.errors import DeadlineExceeded, InvalidArgument, RbdPluginError, VolumeBusy
+from rbdplugin.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    RbdPluginError,
+    StateUnwritable,
+    VolumeBusy,
+)
 from rbdplugin.filesystem import SIGNATURE_REGION, UNRECOGNISED, Filesystems, Usage
 from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
@@ -153,8 +159,13 @@ class Attacher:
                 f"{record.broken}. Stop the containers using it; once they are gone its last "
                 "Unmount cleans up and the next Mount maps it afresh"
             )
+        counts = dict(record.counts)
         record.counts[mount_id] = record.counts.get(mount_id, 0) + 1
-        self.table.save(record)
+        try:
+            self.table.save(record)
+        except StateUnwritable:
+            record.counts = counts  # as the table on disk still says
+            raise
         crash_point("mount.after-reference-saved")
         return record.mountpoint
 
@@ -351,15 +362,20 @@ class Attacher:
         if record is None or mount_id not in record.counts:
             log.info("volume %s: Unmount of unknown ID %s: nothing to do", volume, mount_id)
             return
+        counts, phase = dict(record.counts), record.phase
         record.counts[mount_id] -= 1
         if record.counts[mount_id] <= 0:
             del record.counts[mount_id]
-        if record.counts:
+        if not record.counts:
+            record.phase = "unmounting"
+        try:
             self.table.save(record)
+        except StateUnwritable:
+            record.counts, record.phase = counts, phase  # as the table on disk still says
+            raise
+        if record.counts:
             crash_point("unmount.after-reference-saved")
             return
-        record.phase = "unmounting"
-        self.table.save(record)
         crash_point("unmount.after-unmounting-saved")
         try:
             await self._owned_teardown(record)

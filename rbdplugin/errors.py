@@ -19,6 +19,7 @@ volume, and what to do.
     ├── PermissionDenied       our policy, Ceph's caps or OpenStack (401/403) refuse it
     ├── VolumeBusy             in use (mounted, mapped, watched) where that forbids the operation
     ├── DeadlineExceeded       an operation did not finish within its time budget
+    ├── StateUnwritable        the daemon cannot record its state on local disk (full, read-only)
     ├── CephError              any other failure talking to Ceph
     │   └── CephUnavailable    the cluster cannot be reached right now
     ├── OpenStackError         any other failure talking to Keystone, Cinder or Nova
@@ -82,6 +83,10 @@ class VolumeBusy(RbdPluginError):
 
 class DeadlineExceeded(RbdPluginError):
     reason = "deadline"
+
+
+class StateUnwritable(RbdPluginError):
+    reason = "state"
 
 
 class CephError(RbdPluginError):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rbdplugin.backends import Device, Locator
+from rbdplugin.errors import StateUnwritable
 from rbdplugin.state import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -107,12 +108,32 @@ class MountTable:
         return list(self._records.values())
 
     def save(self, record: MountRecord) -> None:
+        """Record ``record``; if the file cannot be written, a new record is forgotten
+        again (the caller undoes its changes to a known one) and StateUnwritable raised."""
+        known = record.volume in self._records
         self._records[record.volume] = record
-        self._flush()
+        try:
+            self._flush()
+        except StateUnwritable:
+            if not known:
+                del self._records[record.volume]
+            raise
 
     def drop(self, volume: str) -> None:
-        if self._records.pop(volume, None) is not None:
-            self._flush()
+        record = self._records.pop(volume, None)
+        if record is not None:
+            try:
+                self._flush()
+            except StateUnwritable:
+                self._records[volume] = record  # as the file still says
+                raise
 
     def _flush(self) -> None:
-        write_json(self.path, {name: rec.to_json() for name, rec in self._records.items()})
+        try:
+            write_json(self.path, {name: rec.to_json() for name, rec in self._records.items()})
+        except OSError as exc:
+            raise StateUnwritable(
+                f"cannot record the mount table in {self.path}: {exc.strerror or exc}; nothing "
+                "was changed. Free space (or fix the filesystem) under the daemon's state_dir, "
+                "then retry"
+            ) from exc

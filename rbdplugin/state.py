@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+# How long a failed write of the known volumes waits before trying again (doubling).
+RETRY_FIRST, RETRY_LAST = 1.0, 30.0
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -145,10 +147,17 @@ class KnownVolumes:
 
     async def _write_later(self) -> None:
         await asyncio.sleep(self.delay)
+        retry = RETRY_FIRST
         while self._dirty:
             self._dirty = False
             text = json.dumps(self._volumes)  # on the loop: a consistent snapshot
-            await asyncio.to_thread(self._write, text)
+            try:
+                await asyncio.to_thread(self._write, text)
+            except OSError as exc:  # a full disk: serve on, and write it once space returns
+                log.warning("cannot write %s (%s); trying again in %.0f s", self.path, exc, retry)
+                self._dirty = True
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, RETRY_LAST)
 
     def _write(self, text: str) -> None:
         with self._writing:
@@ -165,4 +174,7 @@ class KnownVolumes:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
-        self.flush()
+        try:
+            self.flush()
+        except OSError as exc:  # a cache: the next start learns it again from Ceph
+            log.error("cannot write %s (%s); its last changes are lost", self.path, exc)
