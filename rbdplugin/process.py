@@ -285,6 +285,7 @@ async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
         while time.monotonic() < deadline:
             _reap(pid)
             if not pid_alive(pid):
+                _reap(pid)  # it may have died just after the first: never leave a zombie
                 return True
             await asyncio.sleep(STOP_POLL)
     return not pid_alive(pid)
