@@ -241,6 +241,8 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
+    if state == "Z":  # if it is our child (an export that died on its own), reap it now
+        _reap(pid)
     return state not in ("Z", "X")
 
 

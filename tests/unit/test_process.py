@@ -127,6 +127,17 @@ def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     assert not pid_alive(pid)
 
 
+def test_a_spawned_child_that_dies_on_its_own_is_reaped_when_asked_about(tmp_path: Path) -> None:
+    pid = spawn(["sh", "-c", "exit 3"], tmp_path / "short.out")
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + 5
+    while stat.exists() and " Z " not in stat.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert " Z " in stat.read_text()  # dead, and nobody waited for it yet
+    assert not pid_alive(pid)
+    assert not stat.exists()  # reaped: no zombie left behind
+
+
 def test_pid_alive_for_missing_pid() -> None:
     assert not pid_alive(2**22 + 12345)
     assert pid_alive(os.getpid())
