@@ -17,7 +17,7 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from rbdplugin.errors import (
     RbdPluginError,
     VolumeBusy,
 )
+from rbdplugin.pools import started_pool
 from rbdplugin.rbdheader import WatcherLens, lookup_id
 from rbdplugin.state import read_json, write_json
 
@@ -234,7 +235,7 @@ class CephClient:
         self.address_file = address_file
         self.tenant = tenant
         self.deadline = deadline
-        self._executor = ThreadPoolExecutor(THREADS_PER_TENANT, f"ceph-{tenant.name}")
+        self._executor = started_pool(THREADS_PER_TENANT, f"ceph-{tenant.name}")
         self._connection: Connection | None = None
         # Connections not shut down yet: the current one and retired ones still in use.
         self._live: set[Connection] = set()

@@ -16,8 +16,6 @@ import os
 import signal
 import socket
 import stat
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,8 @@ from rbdplugin.mapping.select import build_mapper
 from rbdplugin.metrics import Metrics, MountedVolume, Snapshot, StateCollector
 from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.notify import Notifier
-from rbdplugin.process import run, stuck_children
+from rbdplugin.pools import started_pool
+from rbdplugin.process import reap_spawned, run, stuck_children
 from rbdplugin.service import VolumeService
 from rbdplugin.state import KnownVolumes, host_uuid
 
@@ -342,25 +341,14 @@ async def serve(config: Config, notifier: Notifier | None = None) -> None:
         await daemon.stop()
 
 
-def started_pool(size: int, name: str) -> ThreadPoolExecutor:
-    """A thread pool whose ``size`` threads all run from the start.
-
-    A pool starts a thread only when a task finds none idle, so asyncio's default pool
-    grew by a thread whenever a burst of Mounts first overlapped one more time: the
-    daemon's thread count crept up for hours. Started whole, it stays flat.
-    """
-    pool = ThreadPoolExecutor(size, name)
-    all_running = threading.Barrier(size)
-    for _ in range(size):  # each waits for the others, so none is idle for the next
-        pool.submit(all_running.wait)
-    return pool
-
-
 async def trim_memory() -> None:
-    """Hand freed memory back to the kernel now and then (see :mod:`rbdplugin.memory`)."""
+    """Hand freed memory back to the kernel now and then (see :mod:`rbdplugin.memory`),
+    and reap export processes that died on their own."""
     while True:
         await asyncio.sleep(TRIM_SECONDS)
         memory.trim()
+        for pid in reap_spawned():
+            log.debug("reaped child %d", pid)
 
 
 async def report_progress(daemon: Daemon, notifier: Notifier) -> None:

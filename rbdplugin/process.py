@@ -212,10 +212,15 @@ def run_sync(command: Command) -> Completed:
     return _result(command, proc.returncode, out, err)
 
 
+# Children started by spawn() and not known to be reaped yet (see reap_spawned).
+_SPAWNED: set[int] = set()
+
+
 def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> int:
     """Start a long-running daemon in its own session, output to ``log_path``; return its pid.
 
-    The child is not waited for here: whoever spawned it (or :func:`stop_pid`) reaps it.
+    The child is not waited for here: :func:`stop_pid` reaps it, or, if it dies on its
+    own, :func:`pid_alive` or :func:`reap_spawned`.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logfile: IO[bytes]
@@ -231,7 +236,23 @@ def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = N
             )
         except FileNotFoundError as exc:
             raise ProcessError(f"{argv[0]} is not installed (not found on PATH)") from exc
+    _SPAWNED.add(proc.pid)
     return proc.pid
+
+
+def reap_spawned() -> list[int]:
+    """Reap every spawned child that has died (one that failed and was never asked about
+    stays a zombie otherwise); the pids reaped."""
+    reaped = []
+    for pid in list(_SPAWNED):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere already
+            done = pid
+        if done == pid:
+            _SPAWNED.discard(pid)
+            reaped.append(pid)
+    return reaped
 
 
 def pid_alive(pid: int) -> bool:
@@ -265,8 +286,12 @@ def stop_pid(pid: int, timeout: float = 10.0) -> bool:
 
 def _reap(pid: int) -> None:
     # Not our child: PID 1 reaps it, and pid_alive() already treats a zombie as gone.
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        done = pid
+    if done == pid:
+        _SPAWNED.discard(pid)
 
 
 # An export process exits within tens of ms of SIGTERM: every Unmount waits for it.

@@ -6,7 +6,7 @@ import os
 import threading
 from concurrent.futures import wait
 
-from rbdplugin.daemon import started_pool
+from rbdplugin.pools import started_pool
 
 
 def threads_now() -> int:

@@ -16,6 +16,7 @@ from rbdplugin.process import (
     KILL_GRACE,
     Command,
     pid_alive,
+    reap_spawned,
     redact,
     run,
     run_sync,
@@ -136,6 +137,19 @@ def test_a_spawned_child_that_dies_on_its_own_is_reaped_when_asked_about(tmp_pat
     assert " Z " in stat.read_text()  # dead, and nobody waited for it yet
     assert not pid_alive(pid)
     assert not stat.exists()  # reaped: no zombie left behind
+
+
+def test_spawned_children_that_died_unasked_are_reaped_in_one_sweep(tmp_path: Path) -> None:
+    # Still running when the next is spawned (which would reap the dead through subprocess).
+    pids = [spawn(["sh", "-c", "sleep 0.3"], tmp_path / f"{n}.out") for n in range(3)]
+    stats = [Path(f"/proc/{pid}/stat") for pid in pids]
+    deadline = time.monotonic() + 5
+    while any(" Z " not in s.read_text() for s in stats) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(" Z " in s.read_text() for s in stats)  # zombies until someone reaps them
+    assert set(pids) <= set(reap_spawned())
+    assert not any(s.exists() for s in stats)
+    assert not set(pids) & set(reap_spawned())  # each reaped once
 
 
 def test_pid_alive_for_missing_pid() -> None:
