@@ -100,6 +100,8 @@ class Snapshot:
     ceph_connected: dict[str, bool]  # RBD tenants: their Ceph connection
     # Cinder tenants: whether their last call reached Keystone and Cinder.
     openstack_connected: dict[str, bool] = field(default_factory=dict)
+    # The daemon's asyncio tasks at scrape time (None: not known, no running loop).
+    event_loop_tasks: int | None = None
 
 
 class StateCollector(Collector):
@@ -132,6 +134,10 @@ class StateCollector(Collector):
         openstack = GaugeMetricFamily("rbdplugin_openstack_connected",
                                       "1 if a Cinder-mode tenant's last call reached OpenStack",
                                       labels=["tenant"])  # fmt: skip
+        tasks = GaugeMetricFamily("rbdplugin_event_loop_tasks",
+                                  "asyncio tasks alive in the daemon's event loop")  # fmt: skip
+        if snap.event_loop_tasks is not None:
+            tasks.add_metric([], snap.event_loop_tasks)
         per_mapper: dict[str, int] = {}
         for tenant in snap.tenants:
             mine = [m for m in snap.mounted if m.tenant == tenant]
@@ -149,4 +155,4 @@ class StateCollector(Collector):
                 used.add_metric([m.tenant, m.volume], m.fs_used)
         for mapper, count in sorted(per_mapper.items()):
             mapped.add_metric([mapper], count)
-        yield from (mounted, refs, mapped, size, used, broken, ceph, openstack)
+        yield from (mounted, refs, mapped, size, used, broken, ceph, openstack, tasks)

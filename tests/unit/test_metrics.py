@@ -88,3 +88,14 @@ def test_state_collector_reads_the_present_at_scrape_time() -> None:
     assert value(got, "rbdplugin_mount_references", tenant="beta") == 0
     assert value(got, "rbdplugin_volume_fs_used_bytes", tenant="alpha", volume="db") is None
     assert value(got, "rbdplugin_mapped_devices", mapper="fuse") is None
+
+
+def test_event_loop_tasks_gauge_shows_the_snapshot_count() -> None:
+    registry = CollectorRegistry()
+    tasks: list[int | None] = [7]
+    registry.register(
+        StateCollector(lambda: Snapshot([], ["alpha"], {}, event_loop_tasks=tasks[0]))
+    )
+    assert value(exposition(registry), "rbdplugin_event_loop_tasks") == 7
+    tasks[0] = None  # unknown (no running loop): no sample rather than a made-up one
+    assert value(exposition(registry), "rbdplugin_event_loop_tasks") is None
