@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from rbdplugin.devcluster import DevCluster
+from tests import secretscan
 from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, take_down_under, write_config
 
 # alpha: trash policy (default); beta: delete; gamma: keep; delta: quotas.
@@ -82,6 +84,31 @@ TOOL_GROUPS = (
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "prometheus: needs a real Prometheus server or promtool")
+    RECORDER.install()
+
+
+# The secrets scan (tests/secretscan.py): what the daemons wrote under short_tmp (scanned
+# before it is deleted) and what the tests received (the recorder), against the dev
+# clusters' cephx keys and the devclouds' secrets. A finding fails the session.
+SECRETS = secretscan.Scan()
+RECORDER = secretscan.Recorder(Path(tempfile.mkdtemp(prefix="rbdp-rec-", dir="/tmp")))
+SESSION_STARTED = time.time()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    # Devclouds live outside short_tmp and go at their module's end: learn their secrets
+    # while they exist.
+    for root in secretscan.devcloud_roots_since(SESSION_STARTED):
+        SECRETS.secrets.update(secretscan.devcloud_secrets(root))
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    SECRETS.scan_tree(RECORDER.root)
+    shutil.rmtree(RECORDER.root, ignore_errors=True)
+    if SECRETS.findings or SECRETS.blind:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 # Set by tests/kernel/inside.sh: this run is inside the kernel-tier guest.
@@ -134,6 +161,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("NOT RUN", sep="=", yellow=True, bold=True)
         for line in lines:
             terminalreporter.write_line(line, yellow=True)
+    failed = bool(SECRETS.findings or SECRETS.blind)
+    terminalreporter.section("secrets scan", sep="=", red=failed, bold=failed)
+    terminalreporter.write_line(SECRETS.summary(), red=failed)
+    for finding in SECRETS.findings[:50]:
+        terminalreporter.write_line(f"SECRET LEAKED: {finding}", red=True)
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +174,10 @@ def short_tmp() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="rbdp-", dir="/tmp"))
     yield root
     take_down_under(root)
+    SECRETS.harvest(root)
+    SECRETS.scan_tree(root)
+    if (root / "ceph" / "cluster.json").exists() and not SECRETS.secrets:
+        SECRETS.blind = f"the session's dev cluster ran, yet no cephx key was found under {root}"
     shutil.rmtree(root, ignore_errors=True)
 
 
