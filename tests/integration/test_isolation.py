@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import rados
@@ -71,10 +77,8 @@ def test_tenant_credentials_get_eperm_on_another_pool(cluster: DevCluster) -> No
         client.shutdown()
 
 
-def test_namespace_tenants_are_isolated(
-    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin
-) -> None:
-    # A tenant confined to namespace "team" of pool gamma, with caps for that namespace only.
+def team_keyring(cluster: DevCluster, admin: Admin) -> Path:
+    """A tenant confined to namespace "team" of pool gamma, with caps for that namespace only."""
     with admin.cluster.open_ioctx("gamma") as ioctx:
         if not rbd.RBD().namespace_exists(ioctx, "team"):
             rbd.RBD().namespace_create(ioctx, "team")
@@ -85,6 +89,13 @@ def test_namespace_tenants_are_isolated(
     keyring = cluster.root / "ceph.client.gamma-team.keyring"
     keyring.write_text(f"[client.gamma-team]\n\tkey = {key}\n")
     keyring.chmod(0o600)
+    return keyring
+
+
+def test_namespace_tenants_are_isolated(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin
+) -> None:
+    keyring = team_keyring(cluster, admin)
     tenants = (
         '[tenants.team]\npool = "gamma"\nnamespace = "team"\nuser = "gamma-team"\n'
         f'keyring = "{keyring}"\n'
@@ -100,3 +111,122 @@ def test_namespace_tenants_are_isolated(
     listed = team.names()
     assert name in listed and root_volume not in listed
     assert "does not exist" in team.get(root_volume)["Err"]
+
+
+# -- Ceph itself, with the plugin out of the way ---------------------------------------------
+
+REFUSED = (errno.EPERM, errno.EACCES)
+MARK = b"tenant B's data, not for tenant A " * 100
+
+
+@contextlib.contextmanager
+def connected_as(cluster: DevCluster, user: str, keyring: Path) -> Iterator[rados.Rados]:
+    client = rados.Rados(conffile=str(cluster.conf), rados_id=user,
+                         conf={"keyring": str(keyring)})  # fmt: skip
+    client.connect(timeout=10)
+    try:
+        yield client
+    finally:
+        client.shutdown()
+
+
+def refused(what: str, call: Callable[[], object]) -> str:
+    """``call`` must fail as Ceph's caps refuse (EPERM or EACCES); ``what`` when it does."""
+    try:
+        call()
+    except (rbd.Error, rados.Error) as exc:
+        code = getattr(exc, "errno", None)
+        assert code is not None and abs(code) in REFUSED, f"{what}: {type(exc).__name__} {exc}"
+        return what
+    raise AssertionError(f"{what}: Ceph allowed it")
+
+
+@dataclass(frozen=True)
+class Victim:
+    pool: str
+    namespace: str
+    name: str
+    data_object: str  # the image's first data object
+    header: str
+
+
+def victim_image(admin: Admin, pool: str, namespace: str = "") -> Victim:
+    """An image of another tenant, made and filled by the admin."""
+    name = unique("victim")
+    admin.create_image(pool, name, 8 * MiB, namespace=namespace)
+    with admin.cluster.open_ioctx(pool) as ioctx:
+        ioctx.set_namespace(namespace)
+        with rbd.Image(ioctx, name) as image:
+            image.write(MARK, 0)
+            image.flush()
+            prefix, image_id = image.stat()["block_name_prefix"], image.id()
+    return Victim(pool, namespace, name, f"{prefix}.{0:016x}", f"rbd_header.{image_id}")
+
+
+def assert_intact(admin: Admin, victim: Victim) -> None:
+    with admin.cluster.open_ioctx(victim.pool) as ioctx:
+        ioctx.set_namespace(victim.namespace)
+        assert victim.name in rbd.RBD().list(ioctx)
+        with rbd.Image(ioctx, victim.name, read_only=True) as image:
+            assert image.size() == 8 * MiB
+            assert image.read(0, len(MARK)) == MARK
+            assert image.list_lockers() == []  # nobody took its lock either
+
+
+def attempts(cluster: DevCluster, user: str, keyring: Path, victim: Victim) -> list[str]:
+    """Every way in as ``user``, through librbd and raw librados, each refused by Ceph."""
+    done = []
+    with connected_as(cluster, user, keyring) as client, client.open_ioctx(victim.pool) as ioctx:
+        ioctx.set_namespace(victim.namespace)
+        done += [
+            refused("list images", lambda: rbd.RBD().list(ioctx)),
+            refused("open to read", lambda: rbd.Image(ioctx, victim.name, read_only=True)),
+            refused("open to write", lambda: rbd.Image(ioctx, victim.name)),
+            refused("remove", lambda: rbd.RBD().remove(ioctx, victim.name)),
+            refused("move to trash", lambda: rbd.RBD().trash_move(ioctx, victim.name)),
+            refused("read a data object", lambda: ioctx.read(victim.data_object, 4096)),
+            refused("read the header", lambda: ioctx.read(victim.header, 4096)),
+            refused("write a data object",
+                    lambda: ioctx.write(victim.data_object, b"stolen", 0)),
+            refused("overwrite the header", lambda: ioctx.write_full(victim.header, b"")),
+            refused("remove a data object", lambda: ioctx.remove_object(victim.data_object)),
+            refused("remove the header", lambda: ioctx.remove_object(victim.header)),
+        ]  # fmt: skip
+        # python-rados ends an object listing at the first error (EPERM included), so
+        # its listing shows nothing; the rados tool (librados too) reports the EPERM.
+        assert list(ioctx.list_objects()) == []
+    listing = subprocess.run(
+        ["rados", "-c", str(cluster.conf), "--id", user, "--keyring", str(keyring), "-p",
+         victim.pool,
+         "--namespace", victim.namespace, "ls"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert listing.returncode != 0 and listing.stdout == "", listing
+    assert "Operation not permitted" in listing.stderr, listing.stderr
+    return [*done, "list objects"]
+
+
+def test_tenant_a_cannot_touch_tenant_b_images_through_librbd_or_librados(
+    cluster: DevCluster, admin: Admin
+) -> None:
+    victim = victim_image(admin, "beta")
+    assert len(attempts(cluster, "alpha", cluster.keyring("alpha"), victim)) == 12
+    assert_intact(admin, victim)
+
+
+def test_namespace_tenant_cannot_touch_the_pools_other_namespaces(
+    cluster: DevCluster, admin: Admin
+) -> None:
+    keyring = team_keyring(cluster, admin)
+    with admin.cluster.open_ioctx("gamma") as ioctx:
+        if not rbd.RBD().namespace_exists(ioctx, "other"):
+            rbd.RBD().namespace_create(ioctx, "other")
+    victims = [victim_image(admin, "gamma"), victim_image(admin, "gamma", "other")]
+    # Its own namespace works: the refusals below are the caps, not a broken client.
+    with connected_as(cluster, "gamma-team", keyring) as team, team.open_ioctx("gamma") as ioctx:
+        ioctx.set_namespace("team")
+        rbd.RBD().list(ioctx)
+    for victim in victims:
+        assert len(attempts(cluster, "gamma-team", keyring, victim)) == 12
+    for victim in victims:
+        assert_intact(admin, victim)
