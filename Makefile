@@ -16,7 +16,7 @@ APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-
 	docker.io busybox-static prometheus \
 	qemu-system-x86 debootstrap kmod shellcheck docker-registry fio
 
-.PHONY: setup run test lint unit bench clean guest plugin plugin-base
+.PHONY: setup run test lint unit bench soak clean guest plugin plugin-base
 setup: $(STAMP)
 	@scripts/ensure-apt $(APT_PACKAGES)
 	@# Bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would otherwise
@@ -59,6 +59,14 @@ unit: setup
 # `make test` runs the same suite with tiny counts (tests/integration/test_bench_smoke.py).
 bench: setup
 	$(PY) -m bench.run
+
+# Load: 200 concurrent clients mixing every verb over 1000 names for 10 minutes, real
+# mounts; exit 1 on an unexpected error, a missed latency target, growth or a leak.
+# Results in bench/results/soak-<date>.{json,md}. `make test` runs a one-minute form
+# (tests/integration/test_soak.py). SOAK_ARGS passes options (python -m bench.soak -h).
+SOAK_ARGS ?=
+soak: setup
+	$(PY) -m bench.soak --clients 200 --volumes 1000 --seconds 600 $(SOAK_ARGS)
 
 # Kernel tier: run CMD as root in the cached QEMU guest (Debian's kernel: krbd, rbd-nbd,
 # udev). The first use builds the guest into /var/cache/rbdplugin-guest. See guest/README.md.
