@@ -451,8 +451,9 @@ class Soak:
             await asyncio.sleep(0.2)
         self.samples += picked
         keys = ("rss_mib", "fds", "threads", "tasks")
-        return {k: sorted(p[k] for p in picked)[2] if picked[0][k] is not None else None
+        idle = {k: sorted(p[k] for p in picked)[2] if picked[0][k] is not None else None
                 for k in keys}  # fmt: skip
+        return {**idle, "thread_names": thread_names(self.env.pid)}
 
     async def create_all(self, names: list[str]) -> None:
         limit = asyncio.Semaphore(16)
@@ -549,6 +550,16 @@ def excerpt(log_text: str, examples: list[str], limit: int = 80) -> list[str]:
     return picked[-limit:]
 
 
+def thread_names(pid: int) -> dict[str, int]:
+    """The daemon's threads by name (/proc/PID/task/*/comm): Ceph's threads are named,
+    Python's show as the interpreter's name."""
+    names: Counter[str] = Counter()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/comm") as fh:
+            names[fh.read().strip()] += 1
+    return dict(sorted(names.items()))
+
+
 def judge(outcome: Outcome) -> list[str]:
     failures = []
     if outcome.unexpected:
@@ -569,7 +580,11 @@ def judge(outcome: Outcome) -> list[str]:
         if start[key] is None or end[key] is None:
             failures.append(f"no {key} figure (rbdplugin_event_loop_tasks missing?)")
         elif end[key] > start[key]:
-            failures.append(f"idle {key} grew: {start[key]} -> {end[key]}")
+            more = {n: c - start["thread_names"].get(n, 0)
+                    for n, c in end["thread_names"].items()
+                    if c > start["thread_names"].get(n, 0)}  # fmt: skip
+            which = f" (more threads named {more})" if key == "threads" else ""
+            failures.append(f"idle {key} grew: {start[key]} -> {end[key]}{which}")
     for what, left in outcome.leaks.items():
         if left:
             failures.append(f"leaked {what}: {left[:10]}")
@@ -655,7 +670,7 @@ def markdown(outcome: Outcome, date: str) -> str:
                      f"{row['verdict']} |")  # fmt: skip
     start, end = outcome.idle_start, outcome.idle_end
     lines += ["", "| idle daemon | after warm-up | at the end |", "|---|---|---|"]
-    lines += [f"| {key} | {start[key]} | {end[key]} |" for key in start]
+    lines += [f"| {key} | {start[key]} | {end[key]} |" for key in start if key != "thread_names"]
     left = {k: v for k, v in outcome.leaks.items() if v}
     lines += ["", f"Expected errors: {outcome.expected or 'none'}",
               f"Unexpected errors: {outcome.unexpected or 'none'}",
