@@ -280,6 +280,9 @@ def test_a_slow_teardown_is_never_abandoned_nor_raced(
     # While that clean-up runs, the volume takes no Mount (it would race the clean-up).
     err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "d"})["Err"]
     assert "clean-up of its previous mount" in err and "still running" in err, err
+    # Nor a Remove, which says why (no container uses it: it is the clean-up).
+    err = client.remove(name)["Err"]
+    assert "clean-up of its previous mount" in err and "refuses Removes" in err, err
     wait_until(lambda: leftovers(daemon, admin, "alpha", name) == [], 15, "the clean-up")
     faults.clear()
     path = Path(mount(client, name, "d"))
