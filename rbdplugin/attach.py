@@ -137,13 +137,13 @@ class Attacher:
 
     # -- Mount ---------------------------------------------------------------------------
 
-    def refuse_while_cleaning(self, volume: str) -> None:
-        """A volume whose last teardown still runs takes no Mount until that ends."""
+    def refuse_while_cleaning(self, volume: str, what: str = "Mounts") -> None:
+        """A volume whose last teardown still runs takes no Mount (nor Remove) until that ends."""
         running = self._teardowns.get(volume)
         if running is not None and not running[0].done():
             raise VolumeBusy(
                 f"volume {volume!r}: the clean-up of its previous mount (started {running[1]}) "
-                "is still running and took longer than its budget; it refuses Mounts until "
+                f"is still running and took longer than its budget; it refuses {what} until "
                 "that ends. See `rbdplugin status` and the daemon's log for the stage it waits on"
             )
 
