@@ -154,9 +154,12 @@ def test_a_hung_stage_is_killed_within_the_deadline(
     reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": "c"})
     elapsed = time.monotonic() - started
     assert "did not finish within 8 s" in reply["Err"]
-    assert elapsed < 8 + 15  # the budget, plus the roll-back
-    assert oracle.pids_of_program_with("sh", str(faults.bin / "mkfs.ext4")) == []  # child gone
-    assert leftovers(daemon, admin, "alpha", name) == []
+    assert elapsed < 8 + 4  # answered at the budget; the roll-back runs on after it
+    wait_until(
+        lambda: oracle.pids_of_program_with("sh", str(faults.bin / "mkfs.ext4")) == []
+        and leftovers(daemon, admin, "alpha", name) == [],
+        20, "the hung mkfs killed and the roll-back done",
+    )  # fmt: skip
     daemon.stop()
 
 
@@ -325,8 +328,10 @@ def test_a_tool_stuck_in_the_kernel_fails_the_mount_at_its_deadline(
         elapsed = time.monotonic() - started
     assert "did not finish within 8 s" in err, err  # the Mount's deadline (or mkfs's own)
     assert elapsed < 12 + 4  # the deadline, the grace after SIGKILL, the roll-back; not 12 s more
-    log = daemon.log()
-    assert "did not die after SIGKILL: it is stuck in the kernel (state D" in log
+    wait_until(
+        lambda: "did not die after SIGKILL: it is stuck in the kernel (state D" in daemon.log(),
+        20, "the stuck mkfs reported",
+    )  # fmt: skip
     wait_until(lambda: leftovers(daemon, admin, "alpha", name) == [], 20, "the roll-back")
     faults.clear()
     path = Path(mount(client, name, "c2"))
