@@ -16,7 +16,7 @@ APT_PACKAGES := ceph-mon ceph-osd ceph-common python3-rados python3-rbd python3-
 	docker.io busybox-static prometheus \
 	qemu-system-x86 debootstrap kmod shellcheck docker-registry fio
 
-.PHONY: setup run test lint unit bench soak clean guest plugin plugin-base
+.PHONY: setup run test lint unit bench soak fuzz clean guest plugin plugin-base
 setup: $(STAMP)
 	@scripts/ensure-apt $(APT_PACKAGES)
 	@# Bytecode, as an installed package has it (PYTHONDONTWRITEBYTECODE would otherwise
@@ -53,6 +53,12 @@ test: setup lint
 
 unit: setup
 	$(VENV)/bin/pytest -m 'not ceph' $(PYTEST_ARGS)
+
+# The plugin API fuzzed at length: 10,000 schemathesis-generated requests from
+# docs/plugin-api.openapi.yaml against a real daemon (`make test` runs 600).
+FUZZ_EXAMPLES ?= 10000
+fuzz: setup
+	RBDPLUGIN_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest -s --timeout=7200 tests/integration/test_fuzz.py $(PYTEST_ARGS)
 
 # Performance targets live here, not in the (untimed) tests: every case next to its floor,
 # results in bench/results/ (latest.md, latest.svg); exit 1 if a target is missed.
