@@ -30,7 +30,7 @@ MIN_SIZE = {"ext4": 8 * MiB, "xfs": 300 * MiB}
 MAX_SIZE = 1024**5  # 1 PiB
 
 NAME_MAX = 128
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 NAME_RULE = (
     f"use 1-{NAME_MAX} ASCII letters, digits, '_', '.' or '-', starting with a letter or digit"
 )
@@ -77,7 +77,7 @@ MOUNT_OPTIONS = frozenset(
         "prjquota", "stripe", "delalloc", "nodelalloc",
     }
 )  # fmt: skip
-_MOUNT_OPTION_RE = re.compile(r"^([a-z_]+)(?:=([A-Za-z0-9_.:-]+))?$")
+_MOUNT_OPTION_RE = re.compile(r"^([a-z_]+)(?:=([A-Za-z0-9_.:-]+))?\Z")
 MKFS_TOKENS_MAX = 32
 
 
@@ -227,7 +227,7 @@ def _companion(name: str, options: Mapping[str, str]) -> dict[str, str]:
 
 
 # Cinder volume types and zones are names an admin made: letters, digits and a few signs.
-_CINDER_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@ -]{0,254}$")
+_CINDER_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@ -]{0,254}\Z")
 
 
 def _label(name: str, option: str, value: str) -> str:
@@ -342,7 +342,7 @@ class _Int:
         return None
 
 
-_SIZE_RE = re.compile(r"^([0-9]{1,10})([kmgKMG]?)$")
+_SIZE_RE = re.compile(r"^([0-9]{1,10})([kmgKMG]?)\Z")
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
@@ -367,7 +367,7 @@ class _Size:
         return None
 
 
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
 @dataclass(frozen=True)
