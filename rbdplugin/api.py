@@ -62,6 +62,8 @@ async def decode(request: web.Request) -> Body:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # [[[...]]] deeper than the parser's recursion limit
+        raise InvalidRequest("request body is JSON nested too deeply") from exc
     if not isinstance(body, dict):
         raise InvalidRequest(
             f"request body must be a JSON object, not a JSON {type(body).__name__}"
