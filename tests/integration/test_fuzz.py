@@ -280,10 +280,16 @@ def check_ceph_matches_list(target: Target, admin: Admin) -> set[str]:
 def clean_up(target: Target, tally: Tally) -> None:
     """Unmount every reference of every mount ID that was mounted, then remove every volume."""
     client = target.client
-    for name, mount_id in sorted(tally.mount_ids):
-        for _ in range(500):
-            if client.call("VolumeDriver.Path", {"Name": name}).get("Mountpoint", "") == "":
-                break
+    pairs = sorted(tally.mount_ids)
+    for _ in range(100):  # each round drops one reference of every (name, ID) still mounted
+        pairs = [
+            (name, mount_id)
+            for name, mount_id in pairs
+            if client.call("VolumeDriver.Path", {"Name": name}).get("Mountpoint", "") != ""
+        ]
+        if not pairs:
+            break
+        for name, mount_id in pairs:
             client.call("VolumeDriver.Unmount", {"Name": name, "ID": mount_id})
     for name in client.names():
         path = client.call("VolumeDriver.Path", {"Name": name})
