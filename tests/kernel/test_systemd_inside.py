@@ -159,6 +159,12 @@ def test_1_start_returns_once_the_driver_socket_answers(host: Host) -> None:
     assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink("/proc/1/ns/mnt")
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert not any(var.startswith(b"PYTHONPATH=") for var in environ)
+    # Room for many client connections (the unit's LimitNOFILE, not the default 1024).
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    assert next(line for line in limits if line.startswith("Max open files")).split()[3:5] == [
+        "65536",
+        "65536",
+    ]
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     # Run as systemd runs it (in /, no PYTHONPATH): rbdplugin comes from the wheel, not /src.
     where = subprocess.run([sys.executable, "-c", "import rbdplugin; print(rbdplugin.__file__)"],
