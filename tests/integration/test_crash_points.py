@@ -112,6 +112,18 @@ class Run:
             for _ in range(times):
                 unmount(self.client, self.name, mount_id)
 
+    def same_data(self, mountpoint: str) -> None:
+        """What was synced before the crash reads back, on the filesystem made before it."""
+        self.check_blob(mountpoint)
+        assert self.device_uuid() == self.fs_uuid, "formatted twice"
+
+    def finish(self) -> None:
+        """Unmount every reference, check nothing is left, the volume still works, remove it."""
+        self.unmount_all()
+        self.settled()
+        self.verify_usable()
+        self.remove()
+
     def settled(self) -> None:
         """Nothing of the volume is left on the host or in Ceph but the volume itself."""
         assert self.daemon is not None
@@ -234,10 +246,7 @@ def _first_mount(run: Run) -> None:
         assert after == before, "formatted twice"
     run.fs_uuid = after
     run.write_blob(path)
-    run.unmount_all()
-    run.settled()
-    run.verify_usable()
-    run.remove()
+    run.finish()
 
 
 def _mount_again(run: Run) -> None:
@@ -252,12 +261,8 @@ def _mount_again(run: Run) -> None:
     client = run.start()
     run.undone_by_restart()
     path = mount(client, run.name, "c2")
-    run.check_blob(path)
-    assert run.device_uuid() == run.fs_uuid, "formatted twice"
-    run.unmount_all()
-    run.settled()
-    run.verify_usable()
-    run.remove()
+    run.same_data(path)
+    run.finish()
 
 
 def _second_id(run: Run) -> None:
@@ -273,10 +278,7 @@ def _second_id(run: Run) -> None:
     assert mount(client, run.name, "c2") == path
     run.check_blob(path)
     assert client.get(run.name)["Volume"]["Status"]["mounts"]["c1"] == 1
-    run.unmount_all()
-    run.settled()
-    run.verify_usable()
-    run.remove()
+    run.finish()
 
 
 def _unmount(run: Run, others: tuple[str, ...] = ()) -> None:
@@ -323,12 +325,8 @@ def _takeover(run: Run) -> None:
     assert set(addrs) <= blocklisted(run.admin)
     lease = json.loads(run._lease() or b"{}")
     assert lease["writer"]["host"] == "host-a", lease
-    run.check_blob(path)
-    assert run.device_uuid() == run.fs_uuid, "formatted twice"
-    run.unmount_all()
-    run.settled()
-    run.verify_usable()
-    run.remove()
+    run.same_data(path)
+    run.finish()
 
 
 def _trash(run: Run) -> None:
