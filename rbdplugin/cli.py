@@ -1,5 +1,5 @@
 """The ``rbdplugin`` command: serve, devcluster, devcloud, check-config, status, locks,
-example-config."""
+trash, example-config."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from rbdplugin import __version__, locks, seed
+from rbdplugin import __version__, locks, seed, trash
 from rbdplugin.config import Config, load_config, only_tenant
 from rbdplugin.daemon import serve
 from rbdplugin.devcloud.cli import register as register_devcloud
@@ -73,19 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_status)
 
-    locks = commands.add_parser("locks", help="who holds which volume; break a lock")
-    lk = locks.add_subparsers(required=True, metavar="ACTION")
-    ls = lk.add_parser("ls", help="list the hosts holding volumes")
-    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    ls.add_argument("--driver", help="only this driver (tenant)")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_locks_ls)
-    br = lk.add_parser("break", help="fence the holder of VOLUME and release its lock")
-    br.add_argument("volume")
-    br.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    br.add_argument("--driver", help="the volume's driver (needed with several tenants)")
-    br.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    br.set_defaults(func=_locks_break)
+    _locks_commands(commands)
+    _trash_commands(commands)
 
     d = commands.add_parser("devcluster", help="a throwaway single-node Ceph cluster")
     dc = d.add_subparsers(required=True, metavar="ACTION")
@@ -344,6 +334,86 @@ def _locks_break(args: argparse.Namespace) -> int:
     fenced = asyncio.run(locks.break_lock(config, tenant, args.volume))
     print(f"volume {args.volume}: released; fenced {', '.join(fenced) or 'nothing (no writer)'}")
     return 0
+
+
+def _locks_commands(commands: Any) -> None:
+    locks = commands.add_parser("locks", help="who holds which volume; break a lock")
+    lk = locks.add_subparsers(required=True, metavar="ACTION")
+    ls = lk.add_parser("ls", help="list the hosts holding volumes")
+    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ls.add_argument("--driver", help="only this driver (tenant)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_locks_ls)
+    br = lk.add_parser("break", help="fence the holder of VOLUME and release its lock")
+    br.add_argument("volume")
+    br.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    br.add_argument("--driver", help="the volume's driver (needed with several tenants)")
+    br.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    br.set_defaults(func=_locks_break)
+
+
+def _trash_commands(commands: Any) -> None:
+    t = commands.add_parser("trash", help="removed volumes in the RBD trash: list, restore, purge")
+    tr = t.add_subparsers(required=True, metavar="ACTION")
+    ls = tr.add_parser("ls", help="list the trash of every RBD tenant (or --driver's)")
+    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ls.add_argument("--driver", help="only this driver (tenant)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_trash_ls)
+    rs = tr.add_parser("restore", help="bring a removed volume back")
+    rs.add_argument("volume")
+    rs.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    rs.add_argument("--driver", help="the volume's driver (needed with several tenants)")
+    rs.add_argument("--id", dest="image_id", help="which entry, when VOLUME is there twice")
+    rs.add_argument("--as", dest="new_name", metavar="NAME", help="restore under this name")
+    rs.set_defaults(func=_trash_restore)
+    pg = tr.add_parser("purge", help="delete the entries whose trash_delay is over")
+    pg.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    pg.add_argument("--driver", help="only this driver (tenant)")
+    pg.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    pg.set_defaults(func=_trash_purge)
+
+
+def _trash_ls(args: argparse.Namespace) -> int:
+    entries = asyncio.run(trash.list_trash(load_config(args.config), args.driver))
+    now = datetime.now(UTC)
+    if args.json:
+        print(json.dumps([{"driver": e.driver, "pool": e.pool, "volume": e.name,
+                           "id": e.image_id, "source": e.source.lower(),
+                           "removed_at": trash.stamp(e.deleted_at),
+                           "purgeable_from": trash.stamp(e.purgeable_at),
+                           "purgeable": e.purgeable(now)} for e in entries],
+                         indent=2))  # fmt: skip
+        return 0
+    table = [("DRIVER", "POOL", "VOLUME", "ID", "REMOVED", "PURGEABLE FROM", "SOURCE")]
+    table += [(e.driver, e.pool, e.name, e.image_id, trash.stamp(e.deleted_at),
+               trash.stamp(e.purgeable_at) + (" (now)" if e.purgeable(now) else ""),
+               e.source.lower()) for e in entries]  # fmt: skip
+    print(_table(table))
+    return 0
+
+
+def _trash_restore(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    tenant = trash.one_tenant(config, args.driver)
+    entry = asyncio.run(trash.restore(config, tenant, args.volume, args.image_id, args.new_name))
+    print(f"volume {args.new_name or args.volume}: restored from the trash of pool {entry.pool} "
+          f"(image id {entry.image_id}, removed {trash.stamp(entry.deleted_at)})")  # fmt: skip
+    return 0
+
+
+def _trash_purge(args: argparse.Namespace) -> int:
+    done = asyncio.run(trash.purge(load_config(args.config), args.driver, args.dry_run))
+    verb = "would delete" if args.dry_run else "deleted"
+    for e in done.removed:
+        print(f"{verb} {e.driver}/{e.name} (pool {e.pool}, image id {e.image_id})")
+    for e in done.waiting:
+        why = (f"kept until {trash.stamp(e.purgeable_at)}" if e.source == trash.USER_SOURCE
+               else f"not ours to delete (put there by librbd: {e.source.lower()})")  # fmt: skip
+        print(f"kept {e.driver}/{e.name} (image id {e.image_id}): {why}")
+    for e, why in done.failed:
+        print(f"FAILED {e.driver}/{e.name} (image id {e.image_id}): {why}", file=sys.stderr)
+    return 1 if done.failed else 0
 
 
 def _dev_start(args: argparse.Namespace) -> int:

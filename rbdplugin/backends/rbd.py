@@ -292,7 +292,8 @@ class RbdBackend:
                 entry = trashed[-1]
                 return (
                     f"It is in the trash of pool {pool} (image id {entry['id']}); bring it "
-                    f"back with: rbd trash restore --pool {pool}{ns} {entry['id']}"
+                    f"back with: rbdplugin trash restore {name} --driver {self.tenant.driver} "
+                    f"--id {entry['id']} (or: rbd trash restore --pool {pool}{ns} {entry['id']})"
                 )
             if kept:
                 return (

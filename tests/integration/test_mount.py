@@ -463,6 +463,7 @@ def test_mount_never_recreates_a_removed_volume(daemon: DaemonProcess, admin: Ad
     assert f"volume '{name}' does not exist any more" in err
     assert "not re-created empty" in err
     assert "rbd trash restore --pool alpha " in err
+    assert f"rbdplugin trash restore {name} --driver alpha --id " in err
     assert name not in admin.images("alpha")
     assert leftovers(daemon, admin, "alpha", name) == []
 

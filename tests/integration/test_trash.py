@@ -1,0 +1,113 @@
+"""``rbdplugin trash ls|restore|purge``: the trash a tenant's removed volumes go to, read
+and changed with the tenant's identity, against the real cluster; purge honours the
+tenant's ``trash_delay``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import rbd
+
+from rbdplugin.devcluster import DevCluster
+from tests.conftest import StartDaemon, tenant_toml
+from tests.helpers import Admin, unique
+
+POOL = "alpha"
+DELAY = 8  # seconds: long enough for every step before the purge that must keep entries
+
+
+def rbdplugin(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rbdplugin", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def trash_entries(admin: Admin) -> dict[str, list[dict[str, Any]]]:
+    """The pool's trash as the admin sees it: name -> entries (the oracle)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    with admin.cluster.open_ioctx(POOL) as ioctx:
+        for entry in rbd.RBD().trash_list(ioctx):
+            found.setdefault(entry["name"], []).append(dict(entry))
+    return found
+
+
+def test_trash_ls_restore_and_purge_after_the_delay(
+    cluster: DevCluster, admin: Admin, daemon_factory: StartDaemon
+) -> None:
+    daemon = daemon_factory(
+        tenant_toml(cluster, POOL, table="trashy", trash_delay=f"{DELAY}s", default_size="64M"),
+        wait_for="trashy",
+    )
+    config = str(daemon.config)
+    c = daemon.client("trashy")
+    kept, taken, doomed = (unique(f"tr{part}") for part in ("kept", "taken", "doomed"))
+    for name in (kept, taken, doomed):
+        assert c.create(name) == {"Err": ""}
+    admin.write(POOL, kept, 4096, b"restore me" * 100)
+    removed_at = time.time()
+    for name in (kept, taken, doomed):
+        assert c.remove(name) == {"Err": ""}
+    before = trash_entries(admin)
+    assert {kept, taken, doomed} <= before.keys()
+
+    listed = rbdplugin("trash", "ls", "--config", config, "--json")
+    assert listed.returncode == 0, listed.stderr
+    mine = {e["volume"]: e for e in json.loads(listed.stdout) if e["volume"] in before}
+    assert mine.keys() == {kept, taken, doomed}
+    for name, entry in mine.items():
+        assert entry["id"] == before[name][0]["id"] and entry["driver"] == "trashy"
+        assert entry["purgeable"] is False
+        purgeable = datetime.strptime(entry["purgeable_from"], "%Y-%m-%dT%H:%M:%SZ")
+        assert abs(purgeable.replace(tzinfo=UTC).timestamp() - (removed_at + DELAY)) < 5
+    table = rbdplugin("trash", "ls", "--config", config)
+    assert table.returncode == 0 and kept in table.stdout and "PURGEABLE FROM" in table.stdout
+
+    early = rbdplugin("trash", "purge", "--config", config)  # within the delay: keeps all
+    assert early.returncode == 0, early.stderr
+    assert f"kept trashy/{doomed}" in early.stdout and "kept until" in early.stdout
+    assert {kept, taken, doomed} <= trash_entries(admin).keys()
+
+    back = rbdplugin("trash", "restore", kept, "--config", config)
+    assert back.returncode == 0, back.stderr
+    assert kept in admin.images(POOL) and kept not in trash_entries(admin)
+    assert admin.read(POOL, kept, 4096, 1000) == b"restore me" * 100
+    assert c.get(kept)["Err"] == ""  # Docker sees it again
+
+    assert c.create(taken) == {"Err": ""}  # the name is taken by a new volume
+    clash = rbdplugin("trash", "restore", taken, "--config", config)
+    assert clash.returncode == 1
+    assert f"volume {taken!r} exists" in clash.stderr and "--as NAME" in clash.stderr
+    assert taken in trash_entries(admin)  # nothing changed
+    renamed = f"{taken}-old"
+    moved = rbdplugin("trash", "restore", taken, "--as", renamed, "--config", config)
+    assert moved.returncode == 0, moved.stderr
+    assert renamed in admin.images(POOL) and taken not in trash_entries(admin)
+
+    missing = rbdplugin("trash", "restore", unique("never"), "--config", config)
+    assert missing.returncode == 1 and "is not in the trash" in missing.stderr
+
+    time.sleep(max(0.0, removed_at + DELAY + 1.5 - time.time()))
+    dry = rbdplugin("trash", "purge", "--dry-run", "--config", config)
+    assert dry.returncode == 0 and f"would delete trashy/{doomed}" in dry.stdout
+    assert doomed in trash_entries(admin)
+    purged = rbdplugin("trash", "purge", "--config", config)
+    assert purged.returncode == 0, purged.stderr
+    assert f"deleted trashy/{doomed}" in purged.stdout
+    assert doomed not in trash_entries(admin)
+    for name in (kept, taken, renamed):
+        assert c.remove(name) == {"Err": ""}
+
+
+def test_trash_commands_refuse_a_cinder_or_unknown_driver() -> None:
+    config = str(Path(__file__).resolve().parents[2] / "config" / "cinder.toml")
+    cinder = rbdplugin("trash", "purge", "--config", config, "--driver", "vm")
+    assert cinder.returncode == 1 and "Cinder has no trash" in cinder.stderr, cinder.stderr
+    unknown = rbdplugin("trash", "ls", "--config", config, "--driver", "nope")
+    assert unknown.returncode == 1 and "no driver 'nope'" in unknown.stderr, unknown.stderr
