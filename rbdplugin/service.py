@@ -344,12 +344,10 @@ class VolumeService:
             status["held_by"] = holders
         if name in self._trouble:
             status["problem"] = self._trouble[name]
-        return VolumeView(
-            name,
-            self.path(name),
-            {**status, **self._mount_status(name)},
-            rfc3339(info.created_at),
-        )
+        status.update(self._mount_status(name))
+        if info.spec.qos:
+            status["qos_note"] = _qos_note(status.get("mapper"))
+        return VolumeView(name, self.path(name), status, rfc3339(info.created_at))
 
     async def _holders(self, info: VolumeInfo, ahead: Ahead | None) -> list[dict[str, Any]]:
         try:
@@ -461,6 +459,8 @@ class VolumeService:
             status["mkfs_options"] = " ".join(spec.mkfs_options)
         if spec.mount_options:
             status["mount_options"] = ",".join(spec.mount_options)
+        if spec.qos:
+            status["qos"] = dict(spec.qos)
         if info.watchers:
             status["open_by"] = list(info.watchers)
         return status
@@ -572,6 +572,16 @@ class VolumeService:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.known.close()
         await self.backend.close()
+
+
+def _qos_note(mapper: object) -> str:
+    """Whether the volume's librbd QoS limits hold where it is mapped."""
+    if mapper == "krbd":
+        return ("NOT applied here: the volume is mapped by the kernel RBD client (krbd), "
+                "which has no QoS; the fuse and nbd mappers (librbd) apply it")  # fmt: skip
+    if mapper:
+        return f"applied by librbd (mapper {mapper})"
+    return "applied when mapped by librbd (fuse or nbd mapper); the kernel client (krbd) ignores it"
 
 
 def rfc3339(value: object) -> str:

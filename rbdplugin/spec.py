@@ -45,6 +45,24 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "journaling": ("exclusive-lock",),
 }
 
+# librbd's image QoS settings, by Create option. Stored as the image's own config
+# overrides (image-meta conf_rbd_qos_*), which librbd reads whenever it opens the image:
+# they hold wherever the image is mapped through librbd (the fuse and nbd mappers),
+# and can be changed with `rbd config image set`. The kernel client (krbd) has no QoS.
+QOS: dict[str, str] = {
+    "iops-limit": "rbd_qos_iops_limit",
+    "read-iops-limit": "rbd_qos_read_iops_limit",
+    "write-iops-limit": "rbd_qos_write_iops_limit",
+    "bps-limit": "rbd_qos_bps_limit",
+    "read-bps-limit": "rbd_qos_read_bps_limit",
+    "write-bps-limit": "rbd_qos_write_bps_limit",
+}
+QOS_META_PREFIX = "conf_"  # librbd's prefix of per-image config overrides in image-meta
+IOPS_MAX = 10**9
+_IOPS_RE = re.compile(r"^[1-9][0-9]{0,9}\Z")
+_IOPS_HELP = "librbd QoS, a whole number of I/O operations per second; krbd ignores it"
+_BPS_HELP = "librbd QoS, bytes per second with a binary unit, at least 1M; krbd ignores it"
+
 OPTIONS: dict[str, str] = {
     "size": "size with a binary unit, e.g. 20G",
     "fstype": "|".join(FSTYPES),
@@ -54,6 +72,7 @@ OPTIONS: dict[str, str] = {
     "mount-options": "comma-separated mount options",
     "source": "an existing volume this one is a read-only companion of",
     "access": "rw, or ro with source=",
+    **{option: _IOPS_HELP if "iops" in option else _BPS_HELP for option in QOS},
 }
 # Options of a Cinder-mode tenant's Create: no pools, features or companions there.
 CINDER_OPTIONS: dict[str, str] = {
@@ -97,6 +116,8 @@ class VolumeSpec:
     # Cinder mode only: "" means Cinder's default.
     volume_type: str = ""
     availability_zone: str = ""
+    # librbd QoS limits: (option, value) in QOS's order; IOPS, or bytes per second.
+    qos: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,8 +202,55 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
         availability_zone=_label(
             name, "availability-zone", options.get("availability-zone", defaults.availability_zone)
         ),
+        qos=parse_qos(name, options),
     )
+    if spec.source and spec.qos:
+        raise InvalidArgument(
+            f"volume {shown(name)}: QoS options do not apply to a read-only companion: "
+            f"it reads its source's image, whose limits apply; set them on {spec.source!r}"
+        )
     return CreateRequest(name=name, spec=spec, explicit=frozenset(options))
+
+
+def parse_qos(name: str, options: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """The QoS options among ``options``, validated, in QOS's order."""
+    return tuple(
+        (option, _qos_limit(name, option, options[option])) for option in QOS if option in options
+    )
+
+
+def _qos_limit(name: str, option: str, text: str) -> int:
+    if "iops" in option:
+        if not _IOPS_RE.match(text.strip()) or int(text) > IOPS_MAX:
+            raise InvalidArgument(
+                f"volume {shown(name)}: {option} {shown(text)} is not a whole number of I/O "
+                f"operations per second from 1 to {IOPS_MAX}"
+            )
+        return int(text)
+    try:
+        limit = parse_size(text, option)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"volume {shown(name)}: {exc} (bytes per second)") from exc
+    if limit > MAX_SIZE:
+        raise InvalidArgument(
+            f"volume {shown(name)}: {option} {shown(text)} is more than {format_size(MAX_SIZE)}/s"
+        )
+    return limit
+
+
+def qos_metadata(qos: Iterable[tuple[str, int]]) -> dict[str, str]:
+    """The image-meta entries that make librbd apply ``qos``."""
+    return {f"{QOS_META_PREFIX}{QOS[option]}": str(value) for option, value in qos}
+
+
+def qos_from_metadata(metadata: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """The QoS limits an image's image-meta sets (0 and unreadable values: none)."""
+    found = []
+    for option, conf in QOS.items():
+        raw = metadata.get(f"{QOS_META_PREFIX}{conf}", "")
+        if raw.isdigit() and int(raw) > 0:
+            found.append((option, int(raw)))
+    return tuple(found)
 
 
 def _options(name: str, opts: object, known: Mapping[str, str]) -> dict[str, str]:
@@ -614,4 +682,11 @@ def incompatibilities(
     for key, (want, have, show) in checks.items():
         if key in request.explicit and want != have:
             problems.append(f"{key}={show(want)} (it has {show(have) or 'none'})")  # type: ignore[operator]
+    wanted_qos, found_qos = dict(wanted.qos), dict(found.qos)
+    for key in QOS:
+        if key in request.explicit and wanted_qos.get(key) != found_qos.get(key):
+            unit = format_size if "bps" in key else str
+            have_qos = found_qos.get(key)
+            problems.append(f"{key}={unit(wanted_qos[key])} "
+                            f"(it has {unit(have_qos) if have_qos else 'none'})")  # fmt: skip
     return problems

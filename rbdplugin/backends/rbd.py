@@ -33,7 +33,13 @@ from rbdplugin.rbdheader import (
     set_metadata,
     unwritten,
 )
-from rbdplugin.spec import CreateRequest, VolumeSpec, is_volume_name
+from rbdplugin.spec import (
+    CreateRequest,
+    VolumeSpec,
+    is_volume_name,
+    qos_from_metadata,
+    qos_metadata,
+)
 
 META = "rbdplugin."
 # Never store an empty metadata value: python-rbd's metadata_list() drops empty
@@ -106,6 +112,7 @@ class RbdBackend:
             f"{META}fresh": "1",
         }
         metadata = {key: value for key, value in metadata.items() if value}
+        metadata.update(qos_metadata(spec.qos))
         bits = feature_bits(spec.features)
 
         def create(ioctx: rados.Ioctx) -> str:
@@ -263,6 +270,7 @@ class RbdBackend:
             features=feature_names(header.features),
             mkfs_options=tuple(shlex.split(meta.get("mkfs_options", ""))),
             mount_options=tuple(o for o in meta.get("mount_options", "").split(",") if o),
+            qos=qos_from_metadata(header.metadata),
         )
         created = header.created
         return VolumeInfo(

@@ -39,16 +39,16 @@ for s in $suites; do
     kernel) suite kernel krbd tests/kernel/test_udev_inside.py tests/kernel/test_hotplug_inside.py \
         tests/kernel/test_fencing_inside.py ;;
     # Tests whose logic no mapper touches (they run with fuse on the host) are left out here.
-    krbd-mount) suite krbd-mount krbd -m "not fuse_only" tests/integration/test_mount.py -k \
+    krbd-mount) suite krbd-mount krbd -m "not fuse_only" tests/integration/test_mount.py tests/integration/test_qos.py -k \
         "not (implicit_create or remove_of_a_mounted or never_recreates or nosuid)" ;;
     krbd-faults) suite krbd-faults krbd -m "not fuse_only" tests/integration/test_mount_faults.py \
         -k "not (unreadable or slow_teardown or hang-blkid or hang-mkfs or hang-mount or after-mkfs or behind[blkid] or behind[mkfs)" ;;
     # rbd-nbd: the core of the mount suite (the rest is mapper-independent, run with krbd),
     # roll-back of a failed map and of a later stage, a kill -9 with the rbd-nbd process
     # left running, and the two-host cases where rbd-nbd's own process dies or hangs.
-    nbd) suite nbd nbd -m "not fuse_only" tests/integration/test_mount.py tests/integration/test_locks.py \
+    nbd) suite nbd nbd -m "not fuse_only" tests/integration/test_mount.py tests/integration/test_locks.py tests/integration/test_qos.py \
         tests/integration/test_mount_faults.py -k "keeps_data or counts_per_id or parallel_mounts_of_one or \
-        restart_keeps or crash_of_the_holder or frozen_holder or behind[rbd] or behind[mount] or after-rbd" ;;
+        restart_keeps or crash_of_the_holder or frozen_holder or behind[rbd] or behind[mount] or after-rbd or qos_limits" ;;
     # (locks ls/break's fencing of a live krbd holder is the fencing checks' business.)
     krbd-locks) suite krbd-locks krbd -m "not fuse_only" tests/integration/test_locks.py -k "not locks_ls" ;;
     # Docker with krbd: a journey, and the shipped unit under real systemd (notify start,

@@ -15,6 +15,8 @@ from rbdplugin.spec import (
     parse_features,
     parse_mkfs_options,
     parse_mount_options,
+    qos_from_metadata,
+    qos_metadata,
     validate_name,
 )
 from rbdplugin.units import GiB, MiB, TiB, format_size, parse_duration, parse_size
@@ -366,3 +368,57 @@ def test_a_cinder_create_takes_volume_type_and_zone_and_no_rbd_options() -> None
 def test_bad_cinder_labels_are_refused(bad: str) -> None:
     with pytest.raises(InvalidArgument, match=r"volume-type .* is invalid"):
         parse_create("web", {"volume-type": bad}, CINDER)
+
+
+def test_qos_options_become_librbd_image_settings() -> None:
+    request = parse_create("q", {"iops-limit": "500", "write_bps_limit": "50M",
+                                 "read-bps-limit": "1.5G"}, DEFAULTS)  # fmt: skip
+    assert request.spec.qos == (
+        ("iops-limit", 500),
+        ("read-bps-limit", 1536 * MiB),
+        ("write-bps-limit", 50 * MiB),
+    )
+    assert qos_metadata(request.spec.qos) == {
+        "conf_rbd_qos_iops_limit": "500",
+        "conf_rbd_qos_read_bps_limit": str(1536 * MiB),
+        "conf_rbd_qos_write_bps_limit": str(50 * MiB),
+    }
+    # Read back from the image's metadata (as `rbd config image set` may have changed it).
+    assert qos_from_metadata(
+        {"conf_rbd_qos_iops_limit": "700", "conf_rbd_qos_bps_limit": "0", "other": "1"}
+    ) == (("iops-limit", 700),)
+    assert parse_create("q", {}, DEFAULTS).spec.qos == ()
+
+
+@pytest.mark.parametrize(
+    ("opts", "message"),
+    [
+        ({"iops-limit": "0"}, "iops-limit '0' is not a whole number of I/O operations per second"),
+        ({"read-iops-limit": "1.5"}, "from 1 to 1000000000"),
+        ({"write-iops-limit": "99999999999"}, "from 1 to 1000000000"),
+        ({"bps-limit": "fast"}, "bps-limit 'fast' is not a size"),
+        ({"read-bps-limit": "0M"}, "must be greater than zero"),
+        ({"write-bps-limit": "2P"}, "is more than 1P/s"),
+        ({"source": "src", "iops-limit": "5"}, "do not apply to a read-only companion"),
+    ],
+)
+def test_bad_qos_values_are_refused_with_the_valid_form(
+    opts: dict[str, object], message: str
+) -> None:
+    with pytest.raises(InvalidArgument, match="volume 'q'") as caught:
+        parse_create("q", opts, DEFAULTS)
+    assert message in str(caught.value)
+
+
+def test_qos_is_an_rbd_option_and_checked_on_recreate() -> None:
+    with pytest.raises(InvalidArgument, match="unknown option 'iops-limit'"):
+        parse_create("q", {"iops-limit": "5"}, CINDER)
+    existing = parse_create("q", {"iops-limit": "500"}, DEFAULTS).spec
+    same = parse_create("q", {"iops-limit": "500"}, DEFAULTS)
+    other = parse_create("q", {"iops-limit": "600", "bps-limit": "10M"}, DEFAULTS)
+    assert incompatibilities(same, existing) == []
+    assert incompatibilities(other, existing) == [
+        "iops-limit=600 (it has 500)",
+        "bps-limit=10M (it has none)",
+    ]
+    assert incompatibilities(parse_create("q", {}, DEFAULTS), existing) == []
