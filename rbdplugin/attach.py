@@ -216,6 +216,8 @@ class Attacher:
         record.fstype, marking = await self._format_once(
             info, record.device.path, read_only, proven
         )
+        if info.renew_uuid and not read_only and marking is None:
+            await self._renew_uuid(info, record.device.path, record.fstype)
         try:
             await self._mount(info, record, record.device.path, read_only)
         finally:
@@ -244,6 +246,16 @@ class Attacher:
             options += HOST_SAFE_OPTIONS
         with self.metrics.stage("mount"):
             await self.fs.mount(device, Path(record.mountpoint), record.fstype, options)
+
+    async def _renew_uuid(self, info: VolumeInfo, device: str, fstype: str) -> None:
+        """A clone's first Mount: its own filesystem UUID, so it mounts beside its origin.
+        A crash before the mark lands renews it again: harmless, nothing was mounted."""
+        scratch = self.mount_root / ".uuid" / self.tenant.name / info.name
+        with self.metrics.stage("uuid"):
+            await self.fs.renew_uuid(device, fstype, scratch)
+        await self.backend.uuid_renewed(info.name)
+        log.info("volume %s: clone of %s, gave its %s a new UUID", info.name, info.spec.origin,
+                 fstype)  # fmt: skip
 
     def _sharing(self, record: MountRecord) -> list[MountRecord]:
         """Other volumes of this table on the same storage (a source and its companions)."""

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +44,10 @@ BLKID_NOTHING_FOUND = 2
 # superblocks and ZFS labels at the end; the rest at the start).
 SIGNATURE_REGION = 1024 * 1024
 UNRECOGNISED = "unrecognised data"
+# e2fsck's exit codes for "clean" and "errors corrected" (its safe, preening fixes).
+E2FSCK_CLEAN = (0, 1)
+
+log = logging.getLogger(__name__)
 
 
 def merge_extended(fast: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
@@ -179,6 +186,63 @@ class Filesystems:
                     "stop what uses it, then unmount again"
                 )
             raise ProcessError(f"umount {target} failed: {done.output}", output=done.output)
+
+    @asynccontextmanager
+    async def frozen(self, target: Path, limit: float) -> AsyncIterator[None]:
+        """``target``'s filesystem frozen for the block: dirty data written out and new
+        writes held, so a snapshot taken meanwhile is consistent. Thawed after it in
+        every case, also when freezing itself ran out of time (the kernel may have
+        frozen it all the same) or the block did; the block gets ``limit`` seconds."""
+        try:
+            await self.runner(Command(["fsfreeze", "--freeze", str(target)], timeout=limit))
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError as exc:
+            raise DeadlineExceeded(
+                f"{target} stayed frozen longer than {limit:.0f} s (Ceph slow or away); "
+                "it was thawed, and writes go on"
+            ) from exc
+        finally:
+            await self._thaw(target)
+
+    async def _thaw(self, target: Path) -> None:
+        done = await self.runner(
+            Command(["fsfreeze", "--unfreeze", str(target)], timeout=self.timeout, check=False)
+        )
+        # EINVAL: it was not frozen (the freeze itself failed); nothing to undo.
+        if done.returncode != 0 and "invalid argument" not in done.output.lower():
+            log.error("could not thaw %s (writes there wait): %s; run fsfreeze --unfreeze %s",
+                      target, done.output, target)  # fmt: skip
+
+    async def renew_uuid(self, device: str, fstype: str, scratch: Path) -> None:
+        """Give the unmounted filesystem on ``device`` a new random UUID.
+
+        A clone carries its origin's UUID, and XFS refuses to mount a second filesystem
+        with a UUID already mounted. The tools refuse a filesystem whose journal needs
+        replaying (a snapshot of a mounted one): ext4's is replayed by a preening
+        e2fsck (also required before tune2fs rewrites metadata checksums), XFS's by a
+        mount with nouuid at ``scratch`` and an unmount.
+        """
+        if fstype == "xfs":
+            scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+            await self.runner(Command(["mount", "-t", "xfs", "-o", "nouuid,nosuid,nodev,noexec",
+                                       device, str(scratch)], timeout=self.timeout))  # fmt: skip
+            await self.unmount(scratch)
+            scratch.rmdir()
+            argv = ["xfs_admin", "-U", "generate", device]
+        else:
+            done = await self.runner(
+                Command(["e2fsck", "-f", "-p", device], timeout=self.timeout, check=False)
+            )
+            if done.returncode not in E2FSCK_CLEAN:
+                raise ProcessError(
+                    f"e2fsck -f -p {device} found problems it does not fix by itself "
+                    f"(exit {done.returncode}); nothing was changed beyond its safe fixes. "
+                    f"Check it by hand: e2fsck -f {device}. {done.output}",
+                    output=done.output,
+                )
+            argv = ["tune2fs", "-U", "random", device]
+        await self.runner(Command(argv, timeout=self.timeout))
 
     def mounted_from(self, target: Path) -> str | None:
         """The source device mounted at ``target``, if it is a mount point."""

@@ -9,6 +9,9 @@ layout, stable since 2012:
 - ``rbd_header.<id>``'s omap: ``size`` and ``features`` (little-endian u64),
   ``create_timestamp`` (a utime_t: u32 seconds, u32 nanoseconds), and each
   image-meta key as ``metadata_<key>`` with its raw value;
+- each snapshot as ``snapshot_<id, 16 hex digits>``: a cls_rbd_snap record, versioned
+  (u8 version, u8 compat, u32 length), then the id (u64) and the name (a
+  length-prefixed string), the only fields read here;
 - writes of image-meta go through the ``rbd`` object class's ``metadata_set`` and
   ``metadata_remove`` methods, the same server-side calls librbd makes, so no
   exclusive lock is taken (librbd takes it for every metadata write on an image
@@ -34,6 +37,7 @@ import rbd
 ID_PREFIX = "rbd_id."
 HEADER_PREFIX = "rbd_header."
 META_PREFIX = "metadata_"
+SNAPSHOT_PREFIX = "snapshot_"  # + the id as 16 hex digits: sorted keys are in id order
 # Reading the header's omap in one go: a header holds a dozen keys plus image-meta.
 MAX_HEADER_KEYS = 4096
 
@@ -50,6 +54,7 @@ class Header:
     # A clone (its data partly in its parent) or an image with a separate data pool:
     # its data objects are not all <prefix>.* in this pool.
     data_elsewhere: bool = False
+    snapshots: tuple[str, ...] = ()  # names, oldest first
 
 
 def lookup_id(ioctx: rados.Ioctx, name: str) -> str | None:
@@ -86,7 +91,15 @@ def read_header(ioctx: rados.Ioctx, image_id: str) -> Header | None:
         order=values["order"][0] if values.get("order") else 22,
         object_prefix=_string(values["object_prefix"]) if values.get("object_prefix") else "",
         data_elsewhere="parent" in values or "data_pool_id" in values,
+        snapshots=tuple(
+            _snapshot_name(values[key]) for key in sorted(values) if key.startswith(SNAPSHOT_PREFIX)
+        ),
     )
+
+
+def _snapshot_name(raw: bytes) -> str:
+    # cls_rbd_snap: ENCODE_START's u8 version, u8 compat, u32 length; u64 id; the name.
+    return _string(raw[14:])
 
 
 def unwritten(ioctx: rados.Ioctx, header: Header, regions: list[tuple[int, int]]) -> bool:

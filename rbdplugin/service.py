@@ -12,8 +12,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from rbdplugin.attach import Ahead, Attacher, abandon
@@ -38,9 +39,11 @@ from rbdplugin.spec import (
     OPTIONS,
     CreateRequest,
     Defaults,
+    clone_snapshot_prefix,
     incompatibilities,
     parse_create,
     validate_name,
+    validate_snapshot_name,
 )
 from rbdplugin.state import KnownVolumes
 from rbdplugin.units import GiB, format_size
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Where volumes live cannot be reached right now: Get and List answer from local state.
 UNREACHABLE = (CephUnavailable, OpenStackUnavailable)
+# How long a mounted volume's filesystem may stay frozen for a snapshot: writers wait
+# meanwhile; past it the snapshot is given up (Err) and the filesystem thawed.
+FREEZE_LIMIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -148,18 +154,89 @@ class VolumeService:
                 f"create volumes implicitly; create it first: docker volume create "
                 f"-d {self.tenant.driver} --opt size=... {name}"
             )
-        async with self._volume(request.name, "creating"):
-            if self.tenant.max_volumes or self.tenant.max_total_size:
-                info = await self._inspect_or_none(request.name)
-                if info is None:
-                    info = await self._create_new(request)
+        taken = None
+        if request.spec.origin and "@" not in request.spec.origin:
+            request, taken = await self._snapshot_for_clone(request)
+        try:
+            async with self._volume(request.name, "creating"):
+                if self.tenant.max_volumes or self.tenant.max_total_size:
+                    info = await self._inspect_or_none(request.name)
+                    if info is None:
+                        info = await self._create_new(request)
+                    else:
+                        info = await self._accept_existing(request, info)
                 else:
-                    info = await self._accept_existing(request, info)
-            else:
-                # Create first and look only on a clash (see _backend_create): a Create of
-                # a new volume, the common case, costs no look-up.
-                info = await self._backend_create(request)
-            self.known.remember(info.name, self._status(info))
+                    # Create first and look only on a clash (see _backend_create): a Create
+                    # of a new volume, the common case, costs no look-up.
+                    info = await self._backend_create(request)
+                self.known.remember(info.name, self._status(info))
+        except BaseException:
+            if taken is not None:  # nothing half-made: the snapshot goes with the failure
+                await self._drop_snapshot(request.spec.origin)
+            raise
+
+    async def _snapshot_for_clone(
+        self, request: CreateRequest
+    ) -> tuple[CreateRequest, bool | None]:
+        """clone-of=VOL: a snapshot of VOL now (frozen if mounted here) to clone from, and
+        whether it was frozen. For an existing volume of that name no snapshot is taken
+        (None): Create answers for it as for any other."""
+        name, origin = request.name, request.spec.origin
+        existing = await self._inspect_or_none(name, watchers=False)
+        if existing is not None:
+            same = existing.spec.origin.partition("@")[0] == origin
+            spec = replace(request.spec, origin=existing.spec.origin if same else origin)
+            return replace(request, spec=spec), None
+        snapshot = f"{clone_snapshot_prefix(name)}{datetime.now(UTC):%Y%m%dT%H%M%S}"
+        try:
+            frozen = await self._take_snapshot(origin, snapshot)
+        except NotFound as exc:
+            raise NotFound(f"volume {name!r}: its origin volume {origin!r} does not exist") from exc
+        return replace(request, spec=replace(request.spec, origin=f"{origin}@{snapshot}")), frozen
+
+    async def _drop_snapshot(self, origin: str) -> None:
+        volume, _, snapshot = origin.partition("@")
+        try:
+            await self._remove_snapshot(volume, snapshot)
+        except RbdPluginError as exc:
+            log.warning("volume %s: could not remove snapshot %s after a failed clone: %s; "
+                        "remove it with rbdplugin snapshot rm %s", volume, snapshot, exc,
+                        origin)  # fmt: skip
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    async def snapshot(self, name: str, snapshot: object) -> bool:
+        """Take a snapshot; True if the volume was mounted here and frozen for it."""
+        return await self._take_snapshot(validate_name(name), validate_snapshot_name(snapshot))
+
+    async def _take_snapshot(self, name: str, snapshot: str) -> bool:
+        async with self._volume(name, "snapshotting"):
+            info = await self.backend.inspect(name, watchers=False)
+            if info.spec.source:
+                raise InvalidArgument(
+                    f"volume {name!r} is a read-only companion; snapshot its source "
+                    f"{info.spec.source!r}"
+                )
+            record = self.attacher.mounted(name)
+            with self.metrics.stage("snapshot"):
+                if record is None or record.mode != "rw" or record.lost or record.broken:
+                    await self.backend.snapshot(name, snapshot)
+                    frozen = False
+                else:
+                    async with self.attacher.fs.frozen(Path(record.mountpoint), FREEZE_LIMIT):
+                        await self.backend.snapshot(name, snapshot)
+                    frozen = True
+        log.info("volume %s: snapshot %s taken%s", name, snapshot,
+                 " with its filesystem frozen" if frozen else "")  # fmt: skip
+        return frozen
+
+    async def remove_snapshot(self, name: str, snapshot: object) -> None:
+        await self._remove_snapshot(validate_name(name), validate_snapshot_name(snapshot))
+
+    async def _remove_snapshot(self, name: str, snapshot: str) -> None:
+        async with self._volume(name, "removing a snapshot of"):
+            await self.backend.remove_snapshot(name, snapshot)
+        log.info("volume %s: snapshot %s removed", name, snapshot)
 
     async def _exists(self, name: str) -> bool:
         return await self._inspect_or_none(name) is not None
@@ -461,6 +538,10 @@ class VolumeService:
             status["mount_options"] = ",".join(spec.mount_options)
         if spec.qos:
             status["qos"] = dict(spec.qos)
+        if spec.origin:
+            status["clone_of"] = spec.origin
+        if info.snapshots:
+            status["snapshots"] = list(info.snapshots)
         if info.watchers:
             status["open_by"] = list(info.watchers)
         return status

@@ -72,6 +72,8 @@ OPTIONS: dict[str, str] = {
     "mount-options": "comma-separated mount options",
     "source": "an existing volume this one is a read-only companion of",
     "access": "rw, or ro with source=",
+    "clone-of": "an existing volume: a copy-on-write clone of it as it is now",
+    "from-snapshot": "VOLUME@SNAPSHOT: a copy-on-write clone of that snapshot",
     **{option: _IOPS_HELP if "iops" in option else _BPS_HELP for option in QOS},
 }
 # Options of a Cinder-mode tenant's Create: no pools, features or companions there.
@@ -118,6 +120,9 @@ class VolumeSpec:
     availability_zone: str = ""
     # librbd QoS limits: (option, value) in QOS's order; IOPS, or bytes per second.
     qos: tuple[tuple[str, int], ...] = ()
+    # A clone: "VOLUME@SNAPSHOT" (from-snapshot), or "VOLUME" (clone-of: the snapshot
+    # is made for it). It carries its origin's filesystem and is never formatted.
+    origin: str = ""
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
             name, "availability-zone", options.get("availability-zone", defaults.availability_zone)
         ),
         qos=parse_qos(name, options),
+        origin=_origin(name, options),
     )
     if spec.source and spec.qos:
         raise InvalidArgument(
@@ -210,6 +216,51 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
             f"it reads its source's image, whose limits apply; set them on {spec.source!r}"
         )
     return CreateRequest(name=name, spec=spec, explicit=frozenset(options))
+
+
+def _origin(name: str, options: Mapping[str, str]) -> str:
+    if "clone-of" in options and "from-snapshot" in options:
+        raise InvalidArgument(
+            f"volume {shown(name)}: clone-of and from-snapshot exclude each other: clone-of=VOL "
+            "clones VOL as it is now, from-snapshot=VOL@SNAP clones a snapshot of it"
+        )
+    for clashing in ("source", "mkfs-options"):
+        if clashing in options and ("clone-of" in options or "from-snapshot" in options):
+            why = (
+                "a clone is never formatted: it carries its origin's filesystem"
+                if clashing == "mkfs-options"
+                else "a clone is a volume of its own"
+            )
+            raise InvalidArgument(f"volume {shown(name)}: {clashing} does not go with a clone: "
+                                  f"{why}")  # fmt: skip
+    if "clone-of" in options:
+        origin = validate_name(options["clone-of"])
+    elif "from-snapshot" in options:
+        volume, at, snapshot = options["from-snapshot"].partition("@")
+        if not at:
+            raise InvalidArgument(
+                f"volume {shown(name)}: from-snapshot {shown(options['from-snapshot'])} is not "
+                "VOLUME@SNAPSHOT (rbdplugin snapshot ls VOLUME lists them)"
+            )
+        origin = f"{validate_name(volume)}@{validate_snapshot_name(snapshot)}"
+    else:
+        return ""
+    if origin.partition("@")[0] == name:
+        raise InvalidArgument(f"volume {shown(name)} cannot be a clone of itself")
+    return origin
+
+
+def clone_snapshot_prefix(name: str) -> str:
+    """How the snapshots a clone-of Create takes for volume ``name`` begin."""
+    return f"clone.{name}."
+
+
+def validate_snapshot_name(snapshot: object) -> str:
+    """A snapshot's name: the same rule as volume names."""
+    try:
+        return validate_name(snapshot)
+    except InvalidArgument as exc:
+        raise InvalidArgument(str(exc).replace("volume name", "snapshot name", 1)) from exc
 
 
 def parse_qos(name: str, options: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
@@ -677,6 +728,8 @@ def incompatibilities(
         "access": (wanted.access, found.access, str),
         "volume-type": (wanted.volume_type, found.volume_type, str),
         "availability-zone": (wanted.availability_zone, found.availability_zone, str),
+        "clone-of": (wanted.origin.partition("@")[0], found.origin.partition("@")[0], str),
+        "from-snapshot": (wanted.origin, found.origin, str),
     }
     problems = []
     for key, (want, have, show) in checks.items():

@@ -45,6 +45,10 @@ class VolumeInfo:
     watchers: tuple[str, ...] = ()
     # What Get should say about it beyond its spec (e.g. a size rounded up by Cinder).
     notes: tuple[str, ...] = ()
+    snapshots: tuple[str, ...] = ()  # oldest first
+    # A clone whose filesystem still has its origin's UUID: the first Mount gives it a
+    # new one, so that origin and clone can be mounted side by side.
+    renew_uuid: bool = False
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,18 @@ class VolumeBackend(Protocol):
 
     async def remove(self, name: str) -> RemoveOutcome:
         """Remove by the tenant's policy; refuse with VolumeBusy while anything uses it."""
+        ...
+
+    async def snapshot(self, name: str, snapshot: str) -> None:
+        """Take snapshot ``snapshot`` of volume ``name`` (Conflict if the name is taken)."""
+        ...
+
+    async def remove_snapshot(self, name: str, snapshot: str) -> None:
+        """Delete it; VolumeBusy while clones depend on it, NotFound if there is none."""
+        ...
+
+    async def uuid_renewed(self, name: str) -> None:
+        """Record that a clone's filesystem has a UUID of its own now."""
         ...
 
     async def formatting_started(self, name: str) -> None:

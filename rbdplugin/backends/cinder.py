@@ -31,6 +31,7 @@ from rbdplugin.devices import Devices
 from rbdplugin.errors import (
     Conflict,
     DeadlineExceeded,
+    InvalidRequest,
     LeaseConflict,
     NotFound,
     OpenStackUnavailable,
@@ -52,6 +53,10 @@ KEPT_MARK = "~removed-"  # Docker names cannot hold "~": a kept volume leaves Li
 SERIAL_CHARS = 20  # virtio-blk serials are cut to 20 bytes
 BY_ID = "/dev/disk/by-id"
 AVAILABLE = frozenset({"available"})
+_NO_SNAPSHOTS = (
+    "Cinder-mode volumes take their snapshots in Cinder: openstack volume snapshot create "
+    "--volume VOLUME SNAPSHOT (rbdplugin snapshots are for RBD tenants)"
+)
 
 
 def disk_links(volume_id: str) -> list[str]:
@@ -323,6 +328,15 @@ class CinderBackend:
         await self._call(f"updating volume {name!r}", self.op_timeout,
                          self.client.set_metadata, volume.id, {f"{META}{key}": _now()})  # fmt: skip
         return volume.id
+
+    async def snapshot(self, name: str, snapshot: str) -> None:
+        raise InvalidRequest(_NO_SNAPSHOTS)
+
+    async def remove_snapshot(self, name: str, snapshot: str) -> None:
+        raise InvalidRequest(_NO_SNAPSHOTS)
+
+    async def uuid_renewed(self, name: str) -> None:
+        """Cinder-mode volumes are never clones made by rbdplugin: nothing to record."""
 
     async def formatting_started(self, name: str) -> None:
         await self._mark(name, "formatting")

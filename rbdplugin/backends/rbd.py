@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 from collections.abc import Mapping
@@ -20,11 +21,18 @@ from functools import partial
 import rados
 import rbd
 
-from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo
+from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo, rbd_snapshots
 from rbdplugin.ceph import CephClient, Connection, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
 from rbdplugin.crashpoints import crash_point
-from rbdplugin.errors import CephError, Conflict, NotFound, VolumeBusy
+from rbdplugin.errors import (
+    CephError,
+    Conflict,
+    InvalidArgument,
+    NotFound,
+    RbdPluginError,
+    VolumeBusy,
+)
 from rbdplugin.rbdheader import (
     Header,
     OmapRead,
@@ -36,10 +44,13 @@ from rbdplugin.rbdheader import (
 from rbdplugin.spec import (
     CreateRequest,
     VolumeSpec,
+    clone_snapshot_prefix,
     is_volume_name,
     qos_from_metadata,
     qos_metadata,
 )
+
+log = logging.getLogger(__name__)
 
 META = "rbdplugin."
 # Never store an empty metadata value: python-rbd's metadata_list() drops empty
@@ -95,13 +106,10 @@ class RbdBackend:
     async def create(self, request: CreateRequest, host_id: str) -> VolumeInfo:
         if request.spec.source:
             return await self._create_companion(request, host_id)
+        if request.spec.origin:
+            return await self._create_clone(request, host_id)
         name, spec = request.name, request.spec
-        for pool in self.tenant.pools:
-            if pool != spec.pool and await self._exists(pool, name):
-                raise Conflict(
-                    f"volume {name!r} already exists in pool {pool}, not in the requested "
-                    f"pool {spec.pool}; use another name or drop the pool option"
-                )
+        await self._not_in_other_pools(name, spec.pool)
         now = datetime.now(UTC)
         metadata = {
             f"{META}fstype": spec.fstype,
@@ -140,6 +148,100 @@ class RbdBackend:
         # What inspect() would read back, without the round trips: it is all ours.
         header = Header(image_id, spec.size, bits, now, metadata)
         return self._info(name, spec.pool, header, {}, [])
+
+    async def _not_in_other_pools(self, name: str, pool: str) -> None:
+        for other in self.tenant.pools:
+            if other != pool and await self._exists(other, name):
+                raise Conflict(
+                    f"volume {name!r} already exists in pool {other}, not in the requested "
+                    f"pool {pool}; use another name or drop the pool option"
+                )
+
+    async def _create_clone(self, request: CreateRequest, host_id: str) -> VolumeInfo:
+        """A copy-on-write clone of ``origin``'s snapshot, carrying its filesystem."""
+        name, spec = request.name, request.spec
+        for pool in self.tenant.pools:  # Create of an existing volume: compared by the caller
+            if await self._exists(pool, name):
+                raise Conflict(f"volume {name!r} already exists in pool {pool}")
+        volume, _, snapshot = spec.origin.partition("@")
+        try:
+            origin = await self.inspect(volume, watchers=False)
+        except NotFound as exc:
+            raise NotFound(f"volume {name!r}: its origin volume {volume!r} does not exist") from exc
+        if origin.spec.source:
+            raise Conflict(f"volume {name!r}: {volume!r} is a read-only companion; clone its "
+                           f"source {origin.spec.source!r}")  # fmt: skip
+        fstype = origin.spec.fstype
+        if not fstype:
+            raise InvalidArgument(
+                f"volume {name!r}: {volume!r} was made outside rbdplugin and has no recorded "
+                f"fstype; adopt it first (docker volume create -d DRIVER --opt fstype=... {volume})"
+            )
+        if "fstype" in request.explicit and spec.fstype != fstype:
+            raise InvalidArgument(
+                f"volume {name!r}: a clone carries its origin's filesystem ({fstype}), "
+                f"not {spec.fstype}; drop the fstype option"
+            )
+        now = datetime.now(UTC)
+        mount_options = spec.mount_options if "mount-options" in request.explicit else (
+            origin.spec.mount_options)  # fmt: skip
+        metadata = {
+            f"{META}fstype": fstype,
+            f"{META}mkfs_options": shlex.join(origin.spec.mkfs_options),
+            f"{META}mount_options": ",".join(mount_options),
+            f"{META}created_by": host_id,
+            f"{META}created_at": _iso(now),
+            f"{META}clone_of": spec.origin,
+            f"{META}renew_uuid": "1",
+            **qos_metadata(spec.qos),
+        }
+        metadata = {key: value for key, value in metadata.items() if value}
+        bits = feature_bits(spec.features) | feature_bits(("layering",))
+        size = spec.size if "size" in request.explicit else None
+
+        def make(conn: Connection) -> tuple[str, int]:
+            target, source = conn.ioctx(spec.pool), conn.ioctx(origin.spec.pool)
+            made = rbd_snapshots.clone(
+                source, volume, snapshot, target, name, features=bits, size=size
+            )
+            try:
+                image_id = lookup_id(target, name)
+                if image_id is None:
+                    raise rbd.ImageNotFound(f"clone {name!r} vanished right after its creation")
+                set_metadata(target, image_id, metadata, [])
+            except BaseException:
+                rbd.RBD().remove(target, name)  # never a clone without its metadata
+                raise
+            return image_id, made
+
+        image_id, made = await self.client.run_on(
+            spec.pool, f"cloning {spec.origin} as volume {name!r}", make
+        )
+        header = Header(image_id, made, bits, now, metadata, data_elsewhere=True)
+        return self._info(name, spec.pool, header, {}, [])
+
+    async def snapshot(self, name: str, snapshot: str) -> None:
+        pool = await self._only_pool_or_lookup(name)
+        try:
+            await self.client.run(
+                pool, f"taking snapshot {name}@{snapshot}",
+                lambda io: rbd_snapshots.take(io, name, snapshot),
+            )  # fmt: skip
+        except RbdPluginError as exc:
+            raise rbd_snapshots.translate_lock(exc, name) from exc
+
+    async def remove_snapshot(self, name: str, snapshot: str) -> None:
+        pool = await self._only_pool_or_lookup(name)
+        try:
+            await self.client.run(
+                pool, f"removing snapshot {name}@{snapshot}",
+                lambda io: rbd_snapshots.remove(io, name, snapshot),
+            )  # fmt: skip
+        except RbdPluginError as exc:
+            raise rbd_snapshots.translate_lock(exc, name) from exc
+
+    async def uuid_renewed(self, name: str) -> None:
+        await self._mark_format(name, {"uuid_renewed": _now()}, ())
 
     async def _create_companion(self, request: CreateRequest, host_id: str) -> VolumeInfo:
         name, source = request.name, request.spec.source
@@ -271,6 +373,7 @@ class RbdBackend:
             mkfs_options=tuple(shlex.split(meta.get("mkfs_options", ""))),
             mount_options=tuple(o for o in meta.get("mount_options", "").split(",") if o),
             qos=qos_from_metadata(header.metadata),
+            origin=meta.get("clone_of", ""),
         )
         created = header.created
         return VolumeInfo(
@@ -283,6 +386,8 @@ class RbdBackend:
             formatted=_formatted(meta, marks),
             unformat_hint=self._unformat_hint(pool, header.image_id),
             watchers=tuple(f"{w['addr']} (client.{w['id']})" for w in watchers),
+            snapshots=header.snapshots,
+            renew_uuid=meta.get("renew_uuid") == "1" and not marks.get("uuid_renewed"),
         )
 
     async def removed_hint(self, name: str) -> str:
@@ -432,7 +537,28 @@ class RbdBackend:
             rbd.RBD().rename(ioctx, name, f"{name}{KEPT_MARK}{stamp}")
             return "kept"
 
-        return await self.client.run(pool, f"removing volume {name!r} ({policy})", remove)
+        if info.snapshots and policy == "delete":
+            raise VolumeBusy(
+                f"volume {name!r} has snapshots {', '.join(info.snapshots)}; remove them first "
+                f"(rbdplugin snapshot rm {name}@SNAPSHOT), or they go with it under the trash "
+                "and keep policies"
+            )
+        outcome: RemoveOutcome = await self.client.run(
+            pool, f"removing volume {name!r} ({policy})", remove
+        )
+        if outcome == "deleted":
+            await self._drop_clone_snapshot(name, info.spec.origin)
+        return outcome
+
+    async def _drop_clone_snapshot(self, name: str, origin: str) -> None:
+        """The snapshot a clone-of Create took for ``name``, now that nothing reads it."""
+        volume, _, snapshot = origin.partition("@")
+        if not snapshot.startswith(clone_snapshot_prefix(name)):
+            return  # a user's snapshot (from-snapshot): theirs to remove
+        try:
+            await self.remove_snapshot(volume, snapshot)
+        except RbdPluginError as exc:  # its origin is gone, or other clones read it
+            log.info("volume %s: kept snapshot %s of its origin: %s", name, origin, exc)
 
     async def _remove_companion(self, name: str) -> RemoveOutcome:
         def drop(ioctx: rados.Ioctx) -> None:

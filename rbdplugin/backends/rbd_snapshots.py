@@ -1,0 +1,93 @@
+"""Snapshots of RBD volumes and copy-on-write clones made from them (librbd, blocking:
+run in the Ceph client's thread pool).
+
+A clone is made from a protected snapshot (clone format 1: every Ceph release and
+``require_min_compat_client`` accepts it), so librbd itself refuses to delete a
+snapshot that clones still read from. Snapshot operations on an image another client
+has open for writing are carried out by that client (librbd asks the lock owner), as
+for ``rbd snap create``; a kernel mapping made with ``exclusive`` does not take such
+requests, so they fail there with EROFS, which :func:`translate_lock` explains.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import rados
+import rbd
+
+from rbdplugin.errors import InvalidArgument, NotFound, RbdPluginError, VolumeBusy
+
+
+def take(ioctx: rados.Ioctx, volume: str, snapshot: str) -> None:
+    with rbd.Image(ioctx, volume) as image:
+        image.create_snap(snapshot)
+
+
+def remove(ioctx: rados.Ioctx, volume: str, snapshot: str) -> None:
+    with rbd.Image(ioctx, volume) as image:
+        if snapshot not in names(image):
+            raise NotFound(f"volume {volume!r} has no snapshot {snapshot!r}{_listing(image)}")
+        if image.is_protected_snap(snapshot):
+            image.set_snap(snapshot)
+            children = [f"{pool}/{child}" for pool, child in image.list_children()]
+            image.set_snap(None)
+            if children:
+                raise VolumeBusy(
+                    f"snapshot {volume}@{snapshot} has clones that read from it: "
+                    f"{', '.join(children)}; remove those volumes first"
+                )
+            image.unprotect_snap(snapshot)
+        image.remove_snap(snapshot)
+
+
+def clone(
+    origin: rados.Ioctx,
+    volume: str,
+    snapshot: str,
+    target: rados.Ioctx,
+    name: str,
+    *,
+    features: int,
+    size: int | None,
+) -> int:
+    """Clone ``volume@snapshot`` as image ``name``; its size, at least the snapshot's."""
+    with rbd.Image(origin, volume) as image:
+        sizes = {s["name"]: int(s["size"]) for s in image.list_snaps()}
+        if snapshot not in sizes:
+            raise NotFound(
+                f"volume {name!r}: volume {volume!r} has no snapshot {snapshot!r}{_listing(image)}"
+            )
+        if size is not None and size < sizes[snapshot]:
+            raise InvalidArgument(
+                f"volume {name!r}: size {size} bytes is smaller than snapshot "
+                f"{volume}@{snapshot} ({sizes[snapshot]} bytes); a clone is at least as large"
+            )
+        if not image.is_protected_snap(snapshot):
+            image.protect_snap(snapshot)
+    rbd.RBD().clone(origin, volume, snapshot, target, name, features=features)
+    if size is not None and size > sizes[snapshot]:
+        with rbd.Image(target, name) as made:
+            made.resize(size)
+    return size or sizes[snapshot]
+
+
+def names(image: rbd.Image) -> list[str]:
+    return [s["name"] for s in image.list_snaps()]
+
+
+def _listing(image: rbd.Image) -> str:
+    found = names(image)
+    return f"; it has: {', '.join(found)}" if found else "; it has none"
+
+
+def translate_lock(exc: RbdPluginError, volume: str) -> RbdPluginError:
+    """A snapshot operation refused because a kernel mapping holds the image exclusively."""
+    cause = exc.__cause__
+    if getattr(cause, "errno", None) == errno.EROFS:
+        return VolumeBusy(
+            f"volume {volume!r}: its image is mapped exclusively by a kernel client "
+            "(krbd or rbd-nbd with exclusive), which does not take snapshot requests from "
+            "other clients; unmount it, or use the fuse mapper for volumes you snapshot live"
+        )
+    return exc
