@@ -199,7 +199,7 @@ class Filesystems:
                 yield
         except TimeoutError as exc:
             raise DeadlineExceeded(
-                f"{target} stayed frozen longer than {limit:.0f} s (Ceph slow or away); "
+                f"{target} stayed frozen longer than {limit:g} s (Ceph slow or away); "
                 "it was thawed, and writes go on"
             ) from exc
         finally:

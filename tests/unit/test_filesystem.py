@@ -137,3 +137,44 @@ def test_mkfs_command_keeps_the_device_last(tmp_path: Path) -> None:
     asyncio.run(fs.mkfs("/dev/loop7", "ext4", fast=True, extra=("-E", "root_owner=1:1")))
     assert runner.calls[0][0] == "mkfs.ext4" and runner.calls[0][-1] == "/dev/loop7"
     assert runner.calls[0].count("-E") == 1
+
+
+def test_a_frozen_filesystem_is_thawed_after_the_snapshot(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    fs = Filesystems(runner, HostPaths(sys=tmp_path), timeout=5)
+    seen: list[list[list[str]]] = []
+
+    async def snapshot() -> None:
+        async with fs.frozen(tmp_path / "m", limit=1):
+            seen.append(list(runner.calls))
+
+    asyncio.run(snapshot())
+    assert seen == [[["fsfreeze", "--freeze", str(tmp_path / "m")]]]  # frozen during it
+    assert runner.calls[-1] == ["fsfreeze", "--unfreeze", str(tmp_path / "m")]
+
+
+def test_a_stuck_snapshot_is_given_up_and_the_filesystem_thawed(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    fs = Filesystems(runner, HostPaths(sys=tmp_path), timeout=5)
+
+    async def stuck() -> None:
+        async with fs.frozen(tmp_path / "m", limit=0.2):
+            await asyncio.sleep(30)  # Ceph never answers the snapshot
+
+    with pytest.raises(DeadlineExceeded, match=r"stayed frozen longer than 0\.2 s.*thawed"):
+        asyncio.run(asyncio.wait_for(stuck(), 5))
+    assert runner.calls[-1] == ["fsfreeze", "--unfreeze", str(tmp_path / "m")]
+
+
+def test_a_freeze_that_fails_is_still_undone(tmp_path: Path) -> None:
+    # fsfreeze killed at its deadline may have frozen the filesystem all the same.
+    runner = FakeRunner((1, "", "fsfreeze: timed out"), (1, "", "Invalid argument"))
+    fs = Filesystems(runner, HostPaths(sys=tmp_path), timeout=5)
+
+    async def snapshot() -> None:
+        async with fs.frozen(tmp_path / "m", limit=1):
+            raise AssertionError("never reached: the freeze failed")
+
+    with pytest.raises(ProcessError):
+        asyncio.run(snapshot())
+    assert [c[1] for c in runner.calls] == ["--freeze", "--unfreeze"]
