@@ -38,7 +38,13 @@ from rbdplugin.errors import (
     StateUnwritable,
     VolumeBusy,
 )
-from rbdplugin.filesystem import SIGNATURE_REGION, UNRECOGNISED, Filesystems, Usage
+from rbdplugin.filesystem import (
+    SIGNATURE_REGION,
+    UNRECOGNISED,
+    Filesystems,
+    FsckProblems,
+    Usage,
+)
 from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.spec import check_mkfs_words, parse_mount_options
@@ -77,6 +83,8 @@ class Attacher:
         self.table = table
         self.metrics = metrics
         self.teardown_seconds = teardown_seconds
+        # fsck=auto: the last check that found something, per volume (Get shows it).
+        self.checks: dict[str, str] = {}
         # Teardowns still running (past their caller's budget), by volume.
         self._teardowns: dict[str, tuple[asyncio.Task[None], str]] = {}
 
@@ -216,6 +224,8 @@ class Attacher:
         record.fstype, marking = await self._format_once(
             info, record.device.path, read_only, proven
         )
+        if info.spec.fsck == "auto" and not read_only and marking is None:
+            await self._check(info, record.device.path, record.fstype)
         if info.renew_uuid and not read_only and marking is None:
             await self._renew_uuid(info, record.device.path, record.fstype)
         try:
@@ -246,6 +256,20 @@ class Attacher:
             options += HOST_SAFE_OPTIONS
         with self.metrics.stage("mount"):
             await self.fs.mount(device, Path(record.mountpoint), record.fstype, options)
+
+    async def _check(self, info: VolumeInfo, device: str, fstype: str) -> None:
+        """fsck=auto: a filesystem not cleanly unmounted is checked (safe modes only)."""
+        scratch = self.mount_root / ".fsck" / self.tenant.name / info.name
+        try:
+            with self.metrics.stage("fsck"):
+                found = await self.fs.check(device, fstype, scratch)
+        except FsckProblems as exc:
+            self.checks[info.name] = f"{_now()}: PROBLEMS: {exc}"
+            raise
+        if found is not None:
+            self.checks[info.name] = f"{_now()}: {found}"
+            log.warning("volume %s: %s was not cleanly unmounted; checked: %s", info.name,
+                        fstype, found)  # fmt: skip
 
     async def _renew_uuid(self, info: VolumeInfo, device: str, fstype: str) -> None:
         """A clone's first Mount: its own filesystem UUID, so it mounts beside its origin.

@@ -24,9 +24,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rbdplugin.errors import DeadlineExceeded, ProcessError, VolumeBusy
+from rbdplugin.errors import DeadlineExceeded, InvalidArgument, ProcessError, VolumeBusy
 from rbdplugin.host import HostPaths, mount_points_of, mounts
-from rbdplugin.process import Command, Runner
+from rbdplugin.process import Command, Completed, Runner
 
 # What blkid may report that we mount, and as which filesystem type.
 MOUNTABLE = {"ext4": "ext4", "ext3": "ext4", "ext2": "ext4", "xfs": "xfs"}
@@ -46,6 +46,7 @@ SIGNATURE_REGION = 1024 * 1024
 UNRECOGNISED = "unrecognised data"
 # e2fsck's exit codes for "clean" and "errors corrected" (its safe, preening fixes).
 E2FSCK_CLEAN = (0, 1)
+XFS_DIRTY_LOG = 2  # xfs_repair -n: the log must be replayed (mounted) first
 
 log = logging.getLogger(__name__)
 
@@ -224,11 +225,7 @@ class Filesystems:
         mount with nouuid at ``scratch`` and an unmount.
         """
         if fstype == "xfs":
-            scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
-            await self.runner(Command(["mount", "-t", "xfs", "-o", "nouuid,nosuid,nodev,noexec",
-                                       device, str(scratch)], timeout=self.timeout))  # fmt: skip
-            await self.unmount(scratch)
-            scratch.rmdir()
+            await self._replay_xfs_log(device, scratch)
             argv = ["xfs_admin", "-U", "generate", device]
         else:
             done = await self.runner(
@@ -243,6 +240,53 @@ class Filesystems:
                 )
             argv = ["tune2fs", "-U", "random", device]
         await self.runner(Command(argv, timeout=self.timeout))
+
+    async def _replay_xfs_log(self, device: str, scratch: Path) -> None:
+        # nouuid: the origin of a clone may be mounted with the same UUID.
+        scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.runner(Command(["mount", "-t", "xfs", "-o", "nouuid,nosuid,nodev,noexec",
+                                   device, str(scratch)], timeout=self.timeout))  # fmt: skip
+        await self.unmount(scratch)
+        scratch.rmdir()
+
+    async def check(self, device: str, fstype: str, scratch: Path) -> str | None:
+        """fsck=auto: check the unmounted filesystem on ``device`` if it was not cleanly
+        unmounted; what was found (None: it was clean). Only the tools' safe modes run
+        (e2fsck -p, xfs_repair -n); problems they leave raise :class:`FsckProblems`.
+
+        ext4 says in its superblock whether it was cleanly unmounted (its state and the
+        needs_recovery feature, read with dumpe2fs -h). XFS keeps no such flag: its
+        read-only check runs every time, after a dirty log (xfs_repair -n exits 2 on
+        one) was replayed by a private mount."""
+        limit = self.timeout / 2  # within the Mount's own deadline, with room to mount
+        if fstype == "xfs":
+            done = await self._xfs_repair_n(device, limit)
+            if done.returncode == XFS_DIRTY_LOG:
+                await self._replay_xfs_log(device, scratch)
+                done = await self._xfs_repair_n(device, limit)
+                found = "log replayed, then xfs_repair -n found no problem"
+            else:
+                found = "xfs_repair -n found no problem"
+            if done.returncode != 0:
+                raise FsckProblems(_problems(device, "xfs_repair -n", done.returncode,
+                                             done.output, "xfs_repair"))  # fmt: skip
+            return found
+        header = await self.runner(
+            Command(["dumpe2fs", "-h", device], timeout=self.timeout, check=False)
+        )
+        fields = dict(line.split(":", 1) for line in header.stdout.splitlines() if ":" in line)
+        state = fields.get("Filesystem state", "").strip()
+        if state == "clean" and "needs_recovery" not in fields.get("Filesystem features", ""):
+            return None
+        done = await self.runner(Command(["e2fsck", "-p", device], timeout=limit, check=False))
+        if done.returncode not in E2FSCK_CLEAN:
+            raise FsckProblems(_problems(device, "e2fsck -p", done.returncode, done.output,
+                                         "e2fsck -f"))  # fmt: skip
+        what = _last_line(done.output) or "clean"
+        return f"was {state or 'not clean'}; e2fsck -p (exit {done.returncode}): {what}"
+
+    async def _xfs_repair_n(self, device: str, limit: float) -> Completed:
+        return await self.runner(Command(["xfs_repair", "-n", device], timeout=limit, check=False))
 
     def mounted_from(self, target: Path) -> str | None:
         """The source device mounted at ``target``, if it is a mount point."""
@@ -272,3 +316,20 @@ def _reads_zeros(device: str, regions: list[tuple[int, int]]) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+class FsckProblems(InvalidArgument):
+    """A check found what its safe mode does not repair: nothing is mounted."""
+
+
+def _problems(device: str, tool: str, code: int, output: str, by_hand: str) -> str:
+    return (
+        f"{tool} {device} found problems it does not repair by itself (exit {code}); the "
+        f"volume is not mounted. Repairing is an operator's explicit decision: map the image "
+        f"and run {by_hand} on it. {tool} said: {_last_line(output)}"
+    )
+
+
+def _last_line(output: str) -> str:
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""

@@ -25,7 +25,7 @@ STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5
 # progress marks; reconcile: the whole start-up check of the mount table.
 STAGES = (
     "create", "inspect", "claim", "map", "probe", "mark", "mkfs", "mount", "unmount", "unmap",
-    "release", "remove", "reconcile", "snapshot", "uuid",
+    "release", "remove", "reconcile", "snapshot", "uuid", "fsck",
 )  # fmt: skip
 
 

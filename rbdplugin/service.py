@@ -422,6 +422,8 @@ class VolumeService:
         if name in self._trouble:
             status["problem"] = self._trouble[name]
         status.update(self._mount_status(name))
+        if name in self.attacher.checks:
+            status["fsck"] = self.attacher.checks[name]
         if info.spec.qos:
             status["qos_note"] = _qos_note(status.get("mapper"))
         return VolumeView(name, self.path(name), status, rfc3339(info.created_at))
@@ -542,6 +544,8 @@ class VolumeService:
             status["clone_of"] = spec.origin
         if info.snapshots:
             status["snapshots"] = list(info.snapshots)
+        if spec.fsck != "off":
+            status["fsck_mode"] = spec.fsck
         if info.watchers:
             status["open_by"] = list(info.watchers)
         return status

@@ -72,6 +72,8 @@ OPTIONS: dict[str, str] = {
     "mount-options": "comma-separated mount options",
     "source": "an existing volume this one is a read-only companion of",
     "access": "rw, or ro with source=",
+    "fsck": "|".join(("off", "auto")) + ": auto checks the filesystem before a Mount when it "
+    "was not cleanly unmounted",
     "clone-of": "an existing volume: a copy-on-write clone of it as it is now",
     "from-snapshot": "VOLUME@SNAPSHOT: a copy-on-write clone of that snapshot",
     **{option: _IOPS_HELP if "iops" in option else _BPS_HELP for option in QOS},
@@ -123,6 +125,8 @@ class VolumeSpec:
     # A clone: "VOLUME@SNAPSHOT" (from-snapshot), or "VOLUME" (clone-of: the snapshot
     # is made for it). It carries its origin's filesystem and is never formatted.
     origin: str = ""
+    # "auto": a filesystem left unclean (a crash, a lost host) is checked before a Mount.
+    fsck: str = "off"
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,7 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
         ),
         qos=parse_qos(name, options),
         origin=_origin(name, options),
+        fsck=_fsck(name, options.get("fsck", "off")),
     )
     if spec.source and spec.qos:
         raise InvalidArgument(
@@ -216,6 +221,17 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
             f"it reads its source's image, whose limits apply; set them on {spec.source!r}"
         )
     return CreateRequest(name=name, spec=spec, explicit=frozenset(options))
+
+
+FSCK = ("off", "auto")
+
+
+def _fsck(name: str, value: str) -> str:
+    if value not in FSCK:
+        raise InvalidArgument(
+            f"volume {shown(name)}: fsck {shown(value)} is not one of {', '.join(FSCK)}"
+        )
+    return value
 
 
 def _origin(name: str, options: Mapping[str, str]) -> str:
@@ -730,6 +746,7 @@ def incompatibilities(
         "availability-zone": (wanted.availability_zone, found.availability_zone, str),
         "clone-of": (wanted.origin.partition("@")[0], found.origin.partition("@")[0], str),
         "from-snapshot": (wanted.origin, found.origin, str),
+        "fsck": (wanted.fsck, found.fsck, str),
     }
     problems = []
     for key, (want, have, show) in checks.items():

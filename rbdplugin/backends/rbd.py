@@ -118,6 +118,7 @@ class RbdBackend:
             f"{META}created_by": host_id,
             f"{META}created_at": _iso(now),
             f"{META}fresh": "1",
+            f"{META}fsck": spec.fsck if spec.fsck != "off" else "",
         }
         metadata = {key: value for key, value in metadata.items() if value}
         metadata.update(qos_metadata(spec.qos))
@@ -193,6 +194,7 @@ class RbdBackend:
             f"{META}created_at": _iso(now),
             f"{META}clone_of": spec.origin,
             f"{META}renew_uuid": "1",
+            f"{META}fsck": spec.fsck if spec.fsck != "off" else "",
             **qos_metadata(spec.qos),
         }
         metadata = {key: value for key, value in metadata.items() if value}
@@ -374,6 +376,7 @@ class RbdBackend:
             mount_options=tuple(o for o in meta.get("mount_options", "").split(",") if o),
             qos=qos_from_metadata(header.metadata),
             origin=meta.get("clone_of", ""),
+            fsck=meta.get("fsck", "off"),
         )
         created = header.created
         return VolumeInfo(
