@@ -177,6 +177,16 @@ def children_argv(pid: int) -> list[str]:
     return shown
 
 
+def left_of(volume: str, mountpoint: str) -> list[str]:
+    """What is left on this host of ``volume``'s mapping: its mount, export processes
+    and loop devices on its export file."""
+    left = [mountpoint] if oracle.is_mounted(mountpoint) else []
+    left += [str(pid) for pid in oracle.pids_of_program_with("qemu-storage-daemon",
+                                                             f"image={volume},")]  # fmt: skip
+    return left + [dev for dev, backing in oracle.loop_devices().items()
+                   if Path(backing).name == volume]  # fmt: skip
+
+
 def settled_census(pid: int, seconds: float = CLIENT_TIMEOUT + 2) -> dict[str, int]:
     """The census once calls that linger past their deadline (up to the client timeout)
     ended: the smallest of a few readings."""
@@ -352,7 +362,7 @@ def test_every_call_answers_in_time_during_an_outage_and_all_recovers(
         for name in (held, leaving, idle, doomed):
             assert c.create(name) == {"Err": ""}
         held_path = mount(c, held, "held")  # mounted through the whole outage
-        mount(c, leaving, "leave")  # unmounted during it
+        leave_path = mount(c, leaving, "leave")  # unmounted during it
         wait_until(lambda: readyz(host.metrics) == 200, 30, "ready before the outage")
         calls: list[tuple[str, dict[str, Any]]] = [
             ("Create", {"Name": fresh, "Opts": {"size": "16M"}}),
@@ -417,6 +427,21 @@ def test_every_call_answers_in_time_during_an_outage_and_all_recovers(
         took = wait_until(lambda: "unreachable" not in json.dumps(c.get(held)), 30,
                           "Get asks Ceph again")  # fmt: skip
         print(f"  Get answered from Ceph again {took:.1f} s later")
+        # The Unmount that ran out of time finishes its clean-up (Docker never asks
+        # again): no mount, export process or loop device of that volume is left.
+        took = wait_until(lambda: not left_of(leaving, leave_path), 30,
+                          "the clean-up of the Unmount cut short by the outage")  # fmt: skip
+        print(f"  the Unmount cut short finished its clean-up {took:.1f} s later")
+
+        def removed() -> bool:
+            # An export killed after ignoring SIGTERM leaves its watch on the image for
+            # the OSD's watch timeout: meanwhile Remove says that the image is in use.
+            err = str(c.remove(leaving)["Err"])
+            assert err == "" or "is in use" in err, err
+            return err == ""
+
+        took = wait_until(removed, WATCH_TIMEOUT + 5, "Remove of the volume cut short")
+        print(f"  and was removed {took:.1f} s later")
         cycle(c)
     finally:
         for name, mount_id in ((held, "held"), (leaving, "leave"), (idle, "during")):
