@@ -32,8 +32,10 @@ from rbdplugin.backends import Attachment, Device, Holder, Locator, VolumeBacken
 from rbdplugin.config import TenantConfig
 from rbdplugin.crashpoints import crash_point
 from rbdplugin.errors import (
+    CephUnavailable,
     DeadlineExceeded,
     InvalidArgument,
+    OpenStackUnavailable,
     RbdPluginError,
     StateUnwritable,
     VolumeBusy,
@@ -47,6 +49,7 @@ from rbdplugin.filesystem import (
 )
 from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
+from rbdplugin.process import stuck_gone
 from rbdplugin.spec import check_mkfs_words, parse_mount_options
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,12 @@ Ahead = tuple[Locator, "asyncio.Task[list[Holder]]"]
 # Always on volume mounts unless the tenant opts out: a volume is tenant data, and a
 # setuid binary or device node on it must not act on the host.
 HOST_SAFE_OPTIONS = ("nosuid", "nodev")
+# Failures an outage explains: a clean-up no caller waits for any more is tried again
+# after them (Docker never repeats an Unmount), every RETRY_FIRST s doubling up to
+# RETRY_MAX s, so the export process and loop device go once the outage ends.
+PASSING_FAILURES = (CephUnavailable, OpenStackUnavailable, DeadlineExceeded)
+RETRY_FIRST = 1.0
+RETRY_MAX = 15.0
 
 
 def _now() -> str:
@@ -428,16 +437,21 @@ class Attacher:
         The caller waits at most ``teardown_seconds`` (also when it is cancelled: the
         work goes on regardless); past that the volume refuses Mounts until it ends.
         """
-        task = asyncio.ensure_future(self._teardown(record))
+        orphaned = asyncio.Event()  # set once no caller waits for the outcome
+        task = asyncio.ensure_future(self._teardown_to_the_end(record, orphaned))
         self._teardowns[record.volume] = (task, _now())
         task.add_done_callback(lambda done: self._teardown_ended(record.volume, done))
         try:
             await asyncio.wait_for(asyncio.shield(task), self.teardown_seconds)
         except asyncio.CancelledError:
-            with contextlib.suppress(TimeoutError, RbdPluginError):
-                await asyncio.wait_for(asyncio.shield(task), self.teardown_seconds)
+            try:
+                with contextlib.suppress(TimeoutError, RbdPluginError):
+                    await asyncio.wait_for(asyncio.shield(task), self.teardown_seconds)
+            finally:
+                orphaned.set()
             raise
         except TimeoutError as exc:
+            orphaned.set()
             raise DeadlineExceeded(
                 f"volume {record.volume!r}: its clean-up did not finish within "
                 f"{self.teardown_seconds:.0f} s; it goes on in the background and the volume "
@@ -453,6 +467,31 @@ class Attacher:
     def cleaning(self) -> dict[str, str]:
         """Volumes whose teardown still runs, and since when (for status)."""
         return {v: since for v, (task, since) in self._teardowns.items() if not task.done()}
+
+    async def _teardown_to_the_end(self, record: MountRecord, orphaned: asyncio.Event) -> None:
+        """``_teardown(record)``, tried again after a failure an outage explains once its
+        caller has gone (a caller still waiting gets the error, as before).
+
+        Nothing else would finish it: the Unmount was Docker's last word on the volume.
+        Before each new try, tools of the last one still stuck in the kernel (a umount
+        flushing to a frozen OSD) must have gone: another try would only join them.
+        """
+        delay, tries = RETRY_FIRST, 1
+        while True:
+            try:
+                await self._teardown(record)
+                if tries > 1:
+                    log.info("volume %s: clean-up finished (try %d); unmounted and unmapped",
+                             record.volume, tries)  # fmt: skip
+                return
+            except PASSING_FAILURES as exc:
+                if not orphaned.is_set() or self.table.get(record.volume) is not record:
+                    raise
+                log.warning("volume %s: clean-up failed (%s); trying again in %.0f s, once no "
+                            "tool is stuck in the kernel", record.volume, exc, delay)  # fmt: skip
+            await stuck_gone()
+            await asyncio.sleep(delay)
+            delay, tries = min(delay * 2, RETRY_MAX), tries + 1
 
     async def _teardown(self, record: MountRecord) -> None:
         """Undo whatever stages of ``record`` happened; then forget it (and only it)."""

@@ -155,6 +155,12 @@ def stuck_children() -> int:
     return len(_abandoned)
 
 
+async def stuck_gone() -> None:
+    """Wait until no killed child is stuck in the kernel any more."""
+    while _abandoned:
+        await asyncio.wait(set(_abandoned))
+
+
 async def run(command: Command) -> Completed:
     """Run ``command`` without blocking the event loop (the daemon's default runner)."""
     try:
@@ -296,11 +302,13 @@ def _reap(pid: int) -> None:
 
 # An export process exits within tens of ms of SIGTERM: every Unmount waits for it.
 STOP_POLL = 0.005
+# How long stop_pid waits for a SIGKILLed process before reporting it stuck.
+KILL_WAIT = 5.0
 
 
 async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
     """:func:`stop_pid` without blocking the event loop."""
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, KILL_WAIT)):
         if sig == signal.SIGKILL:
             log.warning("pid %s (%s) ignored SIGTERM for %.0f s; killing it", pid,
                         " ".join(pid_cmdline(pid))[:200], timeout)  # fmt: skip

@@ -28,7 +28,7 @@ from rbdplugin.errors import (
 )
 from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice
 from rbdplugin.mapping.scan import cmdline, loop_backing_files, mounts, processes, read
-from rbdplugin.process import Command, Runner, pid_alive, spawn, stop_pid_async
+from rbdplugin.process import KILL_WAIT, Command, Runner, pid_alive, spawn, stop_pid_async
 
 log = logging.getLogger(__name__)
 PROGRAM = "qemu-storage-daemon"
@@ -186,7 +186,10 @@ class FuseMapper:
         crash_point("unmap.after-loop-detach")
         for pid in self._export_pids(export):
             if not await stop_pid_async(pid, timeout=self.timeout / 2):
-                raise ProcessError(f"the export process {pid} of {mapped.image} did not stop")
+                raise DeadlineExceeded(
+                    f"the export process {pid} of {mapped.image} did not stop within "
+                    f"{self.timeout / 2 + KILL_WAIT:.0f} s of SIGTERM and SIGKILL"
+                )
         crash_point("unmap.after-export-stop")
         if export in mounts(self.host):
             # The export's server is gone; only a dead FUSE mount is left to drop.

@@ -254,19 +254,6 @@ def outage(cluster: DevCluster, kind: str) -> Iterator[None]:
 # -- the tests ---------------------------------------------------------------------------
 
 
-# Found by these tests and not fixed yet (issue 14), each seen on every run:
-KNOWN_BUGS = {
-    # After the OSD was frozen, a qemu-storage-daemon stays behind: a zombie (the SIGKILL
-    # after an ignored SIGTERM is never reaped) and the export of the volume whose
-    # Unmount ran out of time during the outage.
-    "osd-frozen": "export processes left behind (one a zombie) after an Unmount in the outage",
-    # After a black hole longer than the watch timeout, opening the still-mounted volume's
-    # image (Get, the lease check) times out again and again, and the connection is
-    # dropped every few seconds: Get never asks Ceph again.
-    "black-hole": "a volume mounted through a black hole cannot be opened afterwards",
-}
-
-
 def state_files(state: Path) -> dict[str, Any]:
     """Every JSON state file under ``state``, parsed (a truncated one fails here)."""
     return {
@@ -274,8 +261,8 @@ def state_files(state: Path) -> dict[str, Any]:
     }
 
 
-# First in the module: the outages below leave the shared cluster slow for a while
-# (the black hole's known bug), which this test must not inherit.
+# First in the module: the outages below may leave the module's cluster slow for a
+# while, which this test must not inherit.
 def test_a_full_state_dir_gives_clear_errors_and_recovers(
     own_cluster: DevCluster, daemon_factory: StartDaemon, short_tmp: Path
 ) -> None:
@@ -345,11 +332,7 @@ def test_a_full_state_dir_gives_clear_errors_and_recovers(
             subprocess.run(["umount", "--lazy", str(state)], check=False)
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [pytest.param(kind, marks=pytest.mark.xfail(reason=KNOWN_BUGS[kind], strict=False))
-     if kind in KNOWN_BUGS else kind for kind in OUTAGES],
-)  # fmt: skip
+@pytest.mark.parametrize("kind", list(OUTAGES))
 def test_every_call_answers_in_time_during_an_outage_and_all_recovers(
     host: Host, kind: str
 ) -> None:
