@@ -39,6 +39,9 @@ class CephProbe:
         """ "up", or what is wrong."""
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._probe())
+            # A probe that fails after its caller stopped waiting: the next check starts
+            # a new one and nobody reads this outcome (asyncio would log it as lost).
+            self._task.add_done_callback(_outcome_read)
         try:
             await asyncio.wait_for(asyncio.shield(self._task), PROBE_SECONDS)
         except TimeoutError:
@@ -49,6 +52,11 @@ class CephProbe:
 
     async def _probe(self) -> None:
         await self.service.backend.probe()
+
+
+def _outcome_read(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def socket_answers(path: Path) -> bool:
