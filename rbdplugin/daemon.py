@@ -53,6 +53,11 @@ SUN_PATH_MAX = 107
 DRAIN_SECONDS = 30.0
 PROGRESS_SECONDS = 0.5  # how often the service manager's STATUS follows reconciling
 TRIM_SECONDS = 5.0  # malloc_trim of a ~70 MiB process takes well under a millisecond
+# How long an idle client connection (a keep-alive between requests) is held open.
+# aiohttp's own default is 3630 s: every dockerd, monitoring agent or probe that keeps a
+# connection and goes quiet would hold a descriptor and a handler for an hour. 75 s
+# (nginx's default) outlives any client's reuse of a connection between calls.
+KEEPALIVE_SECONDS = 75.0
 # asyncio.to_thread's pool (state-file writes, device reads): the size asyncio would pick.
 BLOCKING_THREADS = min(32, (os.cpu_count() or 1) + 4)
 
@@ -93,6 +98,14 @@ async def build_backend(parts: Parts) -> tuple[VolumeBackend, Attachment]:
     leases = Leases(client, parts.me, tenant.takeover, daemon.fence_seconds, parts.metrics)
     attachment = RbdAttachment(tenant, parts.config.ceph.conf, parts.mapper, leases)
     return RbdBackend(client, tenant), attachment
+
+
+def http_runner(
+    app: web.Application, keepalive: float = KEEPALIVE_SECONDS, **options: Any
+) -> web.AppRunner:
+    """The runner of every HTTP listener of the daemon (driver sockets, control socket,
+    metrics): no access log, idle connections closed after ``keepalive`` seconds."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=keepalive, **options)
 
 
 def bind_unix(path: Path) -> socket.socket:
@@ -181,10 +194,9 @@ class Daemon:
             sock.close()
             path.unlink(missing_ok=True)
             raise
-        runner = web.AppRunner(
+        runner = http_runner(
             build_app(tenant.driver, service, self.metrics),
             handle_signals=False,
-            access_log=None,
             shutdown_timeout=DRAIN_SECONDS,
         )
         try:
@@ -220,13 +232,13 @@ class Daemon:
     async def _start_side(self) -> None:
         daemon = self.config.daemon
         control = daemon.state_dir / "control.sock"
-        runner = web.AppRunner(control_app(self.status), access_log=None)
+        runner = http_runner(control_app(self.status))
         await runner.setup()
         self._side.append(runner)
         await web.SockSite(runner, bind_unix(control)).start()
         if daemon.metrics:
             host, _, port = daemon.metrics.rpartition(":")
-            runner = web.AppRunner(metrics_app(self.registry, self.readiness), access_log=None)
+            runner = http_runner(metrics_app(self.registry, self.readiness))
             await runner.setup()
             self._side.append(runner)
             await web.TCPSite(runner, host.strip("[]"), int(port)).start()
