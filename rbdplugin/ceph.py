@@ -343,6 +343,29 @@ class CephClient:
         """Run ``fn(ioctx)`` for ``pool`` (in the tenant's namespace) in the thread pool."""
         return await self._on(await self._current(), lambda c: fn(c.ioctx(pool)), action, pool)
 
+    async def run_long(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
+        """Like :meth:`run`, for work that takes as long as it takes (flattening a clone):
+        on a thread of its own, not the pool's, with no deadline; the connection stays in
+        use meanwhile, and a failure does not retire it."""
+        conn = await self._current()
+        if not conn.hold():
+            raise CephUnavailable("the Ceph connection was closed; retry")
+        done: Future[T] = Future()
+
+        def call() -> None:
+            try:
+                done.set_result(fn(conn.ioctx(pool)))
+            except BaseException as exc:  # handed to the awaiting task
+                done.set_exception(exc)
+            finally:
+                conn.release()
+
+        threading.Thread(target=call, name=f"ceph-{self.tenant.name}-long", daemon=True).start()
+        try:
+            return await asyncio.wrap_future(done)
+        except (rados.Error, rbd.Error) as exc:
+            raise translate(exc, action, pool, self.who) from exc
+
     async def run_on(self, pool: str, action: str, fn: Callable[[Connection], T]) -> T:
         """Like :meth:`run`, with the connection itself: for work that needs its I/O
         context and its watcher lens in one trip to the pool."""

@@ -111,6 +111,9 @@ class TenantConfig:
     trash_delay: int = 0
     auto_create: bool = True
     takeover: Takeover = "auto"
+    # Clones (clone-of, from-snapshot) are flattened in the background after Create: they
+    # stop reading from their origin's snapshot, which is then freed.
+    flatten_clones: bool = False
     # Volume mounts get nosuid,nodev; False is an explicit opt-out for tenants whose
     # volumes need setuid binaries or device nodes.
     nosuid_nodev: bool = True
@@ -211,6 +214,7 @@ _TENANT_TYPES: dict[str, type | tuple[type, ...]] = {
     "trash_delay": (str, int),
     "auto_create": bool,
     "takeover": str,
+    "flatten_clones": bool,
     "nosuid_nodev": bool,
     "backend": str,
     "cloud": str,
@@ -225,7 +229,7 @@ _TENANT_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 # Keys only one back-end understands (the rest are common to both).
 _RBD_ONLY = ("pool", "namespace", "user", "keyring", "features", "allowed_pools",
-             "trash_delay", "takeover")  # fmt: skip
+             "trash_delay", "takeover", "flatten_clones")  # fmt: skip
 _CINDER_ONLY = ("cloud", "clouds_yaml", "server_id", "metadata_url", "volume_type",
                 "availability_zone", "attach_timeout", "detach_timeout", "api_timeout")  # fmt: skip
 
@@ -398,6 +402,7 @@ def _rbd_tenant(
         ),
         trash_delay=parse_duration(t.get("trash_delay", 0), f"{where}.trash_delay"),
         takeover=_takeover(t.get("takeover", "auto"), where),
+        flatten_clones=t.get("flatten_clones", False),
     )
 
 

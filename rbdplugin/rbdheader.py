@@ -55,6 +55,7 @@ class Header:
     # its data objects are not all <prefix>.* in this pool.
     data_elsewhere: bool = False
     snapshots: tuple[str, ...] = ()  # names, oldest first
+    linked: bool = False  # a clone still reading from its parent (not flattened)
 
 
 def lookup_id(ioctx: rados.Ioctx, name: str) -> str | None:
@@ -91,6 +92,7 @@ def read_header(ioctx: rados.Ioctx, image_id: str) -> Header | None:
         order=values["order"][0] if values.get("order") else 22,
         object_prefix=_string(values["object_prefix"]) if values.get("object_prefix") else "",
         data_elsewhere="parent" in values or "data_pool_id" in values,
+        linked="parent" in values,
         snapshots=tuple(
             _snapshot_name(values[key]) for key in sorted(values) if key.startswith(SNAPSHOT_PREFIX)
         ),

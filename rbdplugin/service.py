@@ -102,6 +102,10 @@ class VolumeService:
         self._learner: asyncio.Task[None] | None = None  # List's CreatedAt, learnt later
         # Volumes whose background check found a problem an operator must fix (by name).
         self._trouble: dict[str, str] = {}
+        # flatten_clones: how far each clone's flatten is ("37%", "failed: ..."), and the
+        # tasks (cancelled at close: librbd's flatten stops with the process).
+        self._flattening: dict[str, str] = {}
+        self._flatteners: set[asyncio.Task[None]] = set()
         self.defaults = Defaults(
             size=tenant.default_size,
             fstype=tenant.default_fstype,
@@ -170,6 +174,8 @@ class VolumeService:
                     # of a new volume, the common case, costs no look-up.
                     info = await self._backend_create(request)
                 self.known.remember(info.name, self._status(info))
+            if info.spec.origin and info.linked and self.tenant.flatten_clones:
+                self._flatten_in_background(info.name)
         except BaseException:
             if taken is not None:  # nothing half-made: the snapshot goes with the failure
                 await self._drop_snapshot(request.spec.origin)
@@ -202,6 +208,41 @@ class VolumeService:
             log.warning("volume %s: could not remove snapshot %s after a failed clone: %s; "
                         "remove it with rbdplugin snapshot rm %s", volume, snapshot, exc,
                         origin)  # fmt: skip
+
+    def _flatten_in_background(self, name: str) -> None:
+        if name in self._flattening and not self._flattening[name].startswith("failed"):
+            return
+        loop = asyncio.get_running_loop()
+
+        def progress(fraction: float) -> None:  # from librbd's thread
+            loop.call_soon_threadsafe(self._flattening.__setitem__, name, f"{fraction:.0%}")
+
+        async def flatten() -> None:
+            self._flattening[name] = "0%"
+            try:
+                await self.backend.flatten(name, progress)
+            except RbdPluginError as exc:
+                self._flattening[name] = f"failed: {exc}"
+                log.warning("volume %s: flattening failed: %s", name, exc)
+                return
+            self._flattening.pop(name, None)
+            log.info("volume %s: flattened; it no longer reads from its origin", name)
+
+        task = asyncio.ensure_future(flatten())
+        self._flatteners.add(task)
+        task.add_done_callback(self._flatteners.discard)
+        task.add_done_callback(_seen)
+
+    def _flatten_status(self, info: VolumeInfo) -> str:
+        if not info.linked:
+            return "done: it no longer reads from its origin"
+        running = self._flattening.get(info.name)
+        if running is not None:
+            return running if running.startswith("failed") else f"running, {running}"
+        if self.tenant.flatten_clones:
+            return ("not running here (interrupted by a restart, or started on another host); "
+                    f"rbd flatten {info.location} finishes it")  # fmt: skip
+        return "not asked for (the tenant's flatten_clones is off): it reads from its origin"
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -424,6 +465,8 @@ class VolumeService:
         status.update(self._mount_status(name))
         if name in self.attacher.checks:
             status["fsck"] = self.attacher.checks[name]
+        if info.spec.origin:
+            status["flatten"] = self._flatten_status(info)
         if info.spec.qos:
             status["qos_note"] = _qos_note(status.get("mapper"))
         return VolumeView(name, self.path(name), status, rfc3339(info.created_at))
@@ -648,6 +691,8 @@ class VolumeService:
             )
 
     async def close(self) -> None:
+        for flattener in list(self._flatteners):
+            flattener.cancel()
         for task in (self._starter, self._checker, self._learner):
             if task is not None:
                 task.cancel()

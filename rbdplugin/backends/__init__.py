@@ -14,6 +14,7 @@ place, :func:`rbdplugin.daemon.build_backend`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -49,6 +50,8 @@ class VolumeInfo:
     # A clone whose filesystem still has its origin's UUID: the first Mount gives it a
     # new one, so that origin and clone can be mounted side by side.
     renew_uuid: bool = False
+    # A clone still reading from its origin's snapshot (False once flattened).
+    linked: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,11 @@ class VolumeBackend(Protocol):
 
     async def remove_snapshot(self, name: str, snapshot: str) -> None:
         """Delete it; VolumeBusy while clones depend on it, NotFound if there is none."""
+        ...
+
+    async def flatten(self, name: str, progress: Callable[[float], None]) -> None:
+        """Copy a clone's data from its origin (as long as it takes), then free the
+        snapshot made for it; ``progress`` gets the fraction done, from another thread."""
         ...
 
     async def uuid_renewed(self, name: str) -> None:

@@ -335,6 +335,9 @@ class CinderBackend:
     async def remove_snapshot(self, name: str, snapshot: str) -> None:
         raise InvalidRequest(_NO_SNAPSHOTS)
 
+    async def flatten(self, name: str, progress: Callable[[float], None]) -> None:
+        raise InvalidRequest("Cinder-mode volumes are never rbdplugin clones")
+
     async def uuid_renewed(self, name: str) -> None:
         """Cinder-mode volumes are never clones made by rbdplugin: nothing to record."""
 

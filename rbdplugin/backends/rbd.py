@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -219,7 +219,7 @@ class RbdBackend:
         image_id, made = await self.client.run_on(
             spec.pool, f"cloning {spec.origin} as volume {name!r}", make
         )
-        header = Header(image_id, made, bits, now, metadata, data_elsewhere=True)
+        header = Header(image_id, made, bits, now, metadata, data_elsewhere=True, linked=True)
         return self._info(name, spec.pool, header, {}, [])
 
     async def snapshot(self, name: str, snapshot: str) -> None:
@@ -241,6 +241,18 @@ class RbdBackend:
             )  # fmt: skip
         except RbdPluginError as exc:
             raise rbd_snapshots.translate_lock(exc, name) from exc
+
+    async def flatten(self, name: str, progress: Callable[[float], None]) -> None:
+        pool = await self._only_pool_or_lookup(name)
+        info = await self.inspect(name, watchers=False)
+        try:
+            await self.client.run_long(
+                pool, f"flattening volume {name!r}",
+                lambda io: rbd_snapshots.flatten(io, name, progress),
+            )  # fmt: skip
+        except RbdPluginError as exc:
+            raise rbd_snapshots.translate_lock(exc, name) from exc
+        await self._drop_clone_snapshot(name, info.spec.origin)
 
     async def uuid_renewed(self, name: str) -> None:
         await self._mark_format(name, {"uuid_renewed": _now()}, ())
@@ -390,6 +402,7 @@ class RbdBackend:
             unformat_hint=self._unformat_hint(pool, header.image_id),
             watchers=tuple(f"{w['addr']} (client.{w['id']})" for w in watchers),
             snapshots=header.snapshots,
+            linked=header.linked,
             renew_uuid=meta.get("renew_uuid") == "1" and not marks.get("uuid_renewed"),
         )
 

@@ -12,6 +12,7 @@ requests, so they fail there with EROFS, which :func:`translate_lock` explains.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 import rados
 import rbd
@@ -70,6 +71,15 @@ def clone(
         with rbd.Image(target, name) as made:
             made.resize(size)
     return size or sizes[snapshot]
+
+
+def flatten(ioctx: rados.Ioctx, name: str, progress: Callable[[float], None]) -> None:
+    def report(done: int, total: int) -> int:
+        progress(done / total if total else 1.0)
+        return 0
+
+    with rbd.Image(ioctx, name) as image:
+        image.flatten(on_progress=report)
 
 
 def names(image: rbd.Image) -> list[str]:

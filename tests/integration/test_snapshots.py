@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import rbd
 
+from rbdplugin.devcluster import DevCluster
 from tests import oracle
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique
+from tests.conftest import StartDaemon, tenant_toml
+from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
 
 POOL = "beta"  # remove policy delete: a removed clone is gone, and so is its snapshot
 
@@ -127,3 +129,34 @@ def test_clone_options_are_checked(daemon: DaemonProcess, admin: Admin) -> None:
     assert "snapshots" not in c.get(origin)["Volume"]["Status"]  # nothing half-made
     assert c.remove(origin) == {"Err": ""}
     assert admin.images(POOL) == before - {origin}
+
+
+def test_a_tenant_may_have_clones_flattened_in_the_background(
+    cluster: DevCluster, admin: Admin, daemon_factory: StartDaemon
+) -> None:
+    daemon = daemon_factory(
+        tenant_toml(cluster, POOL, table="flat", remove_policy="delete", flatten_clones=True),
+        wait_for="flat",
+    )
+    c = daemon.client("flat")
+    origin, clone = unique("forig"), unique("fclone")
+    assert c.create(origin, {"size": "64M"}) == {"Err": ""}
+    path = mount(c, origin, "o")
+    before = write_file(path / "data", 4 << 20)
+    unmount(c, origin, "o")
+    assert c.create(clone, {"clone-of": origin}) == {"Err": ""}
+    wait_until(lambda: c.get(clone)["Volume"]["Status"]["flatten"].startswith("done"), 60,
+               "the clone flattened")  # fmt: skip
+    with (
+        admin.cluster.open_ioctx(POOL) as ioctx,
+        rbd.Image(ioctx, clone, read_only=True) as im,
+        pytest.raises(rbd.ImageNotFound),
+    ):
+        im.parent_info()  # Ceph's own view: no parent any more
+    # Its snapshot of the origin is freed, and the origin can go while the clone stays.
+    assert "snapshots" not in c.get(origin)["Volume"]["Status"]
+    assert c.remove(origin) == {"Err": ""}
+    clone_path = mount(c, clone, "c")
+    assert digest(clone_path / "data") == before
+    unmount(c, clone, "c")
+    assert c.remove(clone) == {"Err": ""}
