@@ -126,6 +126,11 @@ class VolumeBackend(Protocol):
         """Every volume name, without opening each volume."""
         ...
 
+    async def resize(self, name: str, size: int) -> None:
+        """Grow the volume's storage to ``size`` bytes (never shrinks), also while it
+        is attached and in use."""
+        ...
+
     async def remove(self, name: str) -> RemoveOutcome:
         """Remove by the tenant's policy; refuse with VolumeBusy while anything uses it."""
         ...
@@ -223,6 +228,10 @@ class Attachment(Protocol):
 
     async def broken(self, device: Device) -> str | None:
         """Why ``device`` can no longer serve I/O, or None if it looks healthy."""
+        ...
+
+    async def grow(self, device: Device, size: int) -> None:
+        """Make ``device`` show ``size`` bytes after its storage grew (while in use)."""
         ...
 
     def likely_locator(self, name: str) -> Locator | None:

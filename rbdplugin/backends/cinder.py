@@ -31,6 +31,7 @@ from rbdplugin.devices import Devices
 from rbdplugin.errors import (
     Conflict,
     DeadlineExceeded,
+    InvalidArgument,
     InvalidRequest,
     LeaseConflict,
     NotFound,
@@ -282,6 +283,12 @@ class CinderBackend:
         )
         return [v.metadata[VOLUME] for v in volumes if is_volume_name(v.metadata.get(VOLUME, ""))]
 
+    async def resize(self, name: str, size: int) -> None:
+        raise InvalidArgument(
+            f"volume {name!r}: resizing Cinder volumes is not supported by rbdplugin yet; "
+            "extend it in OpenStack (openstack volume set --size) while it is detached"
+        )
+
     async def usage(self) -> Usage:
         volumes = await self._call(
             "listing volumes", self.op_timeout, self.client.list_volumes, {TENANT: self.tenant.name}
@@ -468,6 +475,9 @@ class CinderBackend:
         if link and os.path.realpath(link) != device.path:
             return f"{link} no longer points at {device.path}"
         return None
+
+    async def grow(self, device: Device, size: int) -> None:
+        raise InvalidArgument("resizing Cinder volumes is not supported by rbdplugin yet")
 
     def likely_locator(self, name: str) -> Locator | None:
         return None  # a locator is a Cinder volume id: only a look-up by name tells it

@@ -49,6 +49,7 @@ from rbdplugin.spec import (
     qos_from_metadata,
     qos_metadata,
 )
+from rbdplugin.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +446,18 @@ class RbdBackend:
         for name in await self._companions():
             found.setdefault(name, None)
         return list(found)
+
+    async def resize(self, name: str, size: int) -> None:
+        pool = await self._pool_of(name)
+
+        def grow(ioctx: rados.Ioctx) -> None:
+            # With the exclusive-lock feature, librbd asks the lock's owner (the mapping's
+            # client) to resize: the lock stays where it is.
+            with rbd.Image(ioctx, name) as image:
+                if image.size() < size:
+                    image.resize(size, allow_shrink=False)
+
+        await self.client.run(pool, f"resizing volume {name!r} to {format_size(size)}", grow)
 
     async def usage(self) -> Usage:
         volumes = provisioned = 0

@@ -82,6 +82,9 @@ class RbdAttachment:
     async def broken(self, device: Device) -> str | None:
         return await self.mapper.broken(_mapped(device))
 
+    async def grow(self, device: Device, size: int) -> None:
+        await self.mapper.grow(_mapped(device), size)
+
     def likely_locator(self, name: str) -> Locator | None:
         pools = self.tenant.pools
         if len(pools) != 1:  # which pool holds it is known only once it is found

@@ -15,12 +15,14 @@ against fixture trees.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from rbdplugin.errors import RbdPluginError
+from rbdplugin.errors import DeadlineExceeded, RbdPluginError
 from rbdplugin.host import HostPaths
 
 # HostPaths lives in rbdplugin.host now; re-exported for existing callers.
@@ -100,6 +102,29 @@ class Mapper(Protocol):
         """Why this mapping can no longer serve I/O (its device is gone, or maps another
         image, or its rbd-nbd process died), or None if it looks healthy."""
         ...
+
+    async def grow(self, mapped: MappedDevice, size: int) -> None:
+        """Make the mapped device show ``size`` bytes, in place and while in use, after
+        its image grew to that size; returns once the kernel reports it."""
+        ...
+
+
+def device_size(host: HostPaths, device: str) -> int:
+    """The size of block device ``device`` (/dev/NAME) in bytes, as sysfs says now."""
+    text = (host.sys / "block" / device.removeprefix("/dev/") / "size").read_text()
+    return int(text) * 512
+
+
+async def await_device_size(host: HostPaths, device: str, size: int, timeout: float) -> None:
+    """Wait until the kernel reports ``device`` at ``size`` bytes or more."""
+    deadline = time.monotonic() + timeout
+    while (now := device_size(host, device)) < size:
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(
+                f"{device} still shows {now} bytes, not {size}, {timeout:.0f} s after its "
+                "image grew"
+            )
+        await asyncio.sleep(0.01)
 
 
 def unavailable_reason(name: str, host: HostPaths) -> str | None:

@@ -26,7 +26,7 @@ from rbdplugin.errors import (
     PermissionDenied,
     ProcessError,
 )
-from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice
+from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, await_device_size
 from rbdplugin.mapping.scan import cmdline, loop_backing_files, mounts, processes, read
 from rbdplugin.process import KILL_WAIT, Command, Runner, pid_alive, spawn, stop_pid_async
 
@@ -176,6 +176,23 @@ class FuseMapper:
             and Path(argv[0]).name == PROGRAM
             and any(wanted in _qemu_options(arg) for arg in argv[1:])
         )
+
+    async def grow(self, mapped: MappedDevice, size: int) -> None:
+        # qemu-storage-daemon keeps the image size it read at start: a resize by another
+        # librbd client does not reach its export. Truncating the export file to the new
+        # size is its block_resize (librbd's resize to the size the image already has is
+        # a no-op), after which the file shows the new size; the loop device then re-reads
+        # its backing file's size on LOOP_SET_CAPACITY.
+        export = str(mapped.details.get("export", ""))
+        if not export or not mapped.device:
+            raise ProcessError(f"the mapping of {mapped.image} is incomplete; cannot grow it")
+        # ">": at least this size, never smaller (a process: a stuck export is killed).
+        argv = ["truncate", "--no-create", f"--size=>{size}", export]
+        await self.runner(Command(argv, timeout=self.timeout))
+        await self.runner(
+            Command(["losetup", "--set-capacity", mapped.device], timeout=self.timeout)
+        )
+        await await_device_size(self.host, mapped.device, size, self.timeout)
 
     async def unmap(self, mapped: MappedDevice) -> None:
         export = str(mapped.details.get("export", ""))

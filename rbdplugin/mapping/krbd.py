@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -101,6 +102,13 @@ class KrbdMapper(RbdDeviceMapper):
         if now != mapped.image:
             return Diagnosis(f"{mapped.device} now maps {now}, not {mapped.image}")
         return None
+
+    async def refresh(self, mapped: MappedDevice) -> None:
+        # The kernel refreshes on the header's resize notification; writing its refresh
+        # attribute makes it re-read the header now (and once more after a lost notify).
+        entry = self._sysfs_entry(mapped)
+        if entry is not None and self.diagnose(mapped) is None:
+            await asyncio.to_thread((entry / "refresh").write_text, "1")
 
     def _sysfs_entry(self, mapped: MappedDevice) -> Path | None:
         number = str(mapped.details.get("id", mapped.device.removeprefix("/dev/rbd")))

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 from rbdplugin.devices import Devices
 from rbdplugin.errors import CephUnavailable, PermissionDenied, ProcessError, VolumeBusy
-from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable
+from rbdplugin.mapping import (
+    HostPaths,
+    ImageRef,
+    MappedDevice,
+    MapperUnavailable,
+    await_device_size,
+)
 from rbdplugin.process import Command, Runner
 
 log = logging.getLogger(__name__)
@@ -112,6 +118,16 @@ class RbdDeviceMapper(ABC):
             return f"{mapped.image} has no device (its mapping never completed)"
         diagnosis = self.diagnose(mapped)
         return diagnosis.reason if diagnosis else None
+
+    async def grow(self, mapped: MappedDevice, size: int) -> None:
+        # Both clients watch the image's header and take a resize in on their own;
+        # subclasses may hurry it along (krbd: its refresh attribute).
+        await self.refresh(mapped)
+        await await_device_size(self.host, mapped.device, size, self.timeout)
+
+    async def refresh(self, mapped: MappedDevice) -> None:
+        """Ask the client to re-read the image's size now (default: it notices alone)."""
+        return None
 
     async def unmap(self, mapped: MappedDevice) -> None:
         if not mapped.device:

@@ -115,6 +115,9 @@ class FakeMapper:
     async def broken(self, mapped: MappedDevice) -> str | None:
         return f"checked {mapped}"
 
+    async def grow(self, mapped: MappedDevice, size: int) -> None:
+        raise AssertionError("not grown in these tests")
+
 
 def _attachment(mapper: FakeMapper) -> RbdAttachment:
     # Leases are not touched by finding, checking or undoing a mapping.
