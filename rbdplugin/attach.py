@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from rbdplugin.errors import (
     DeadlineExceeded,
     InvalidArgument,
     OpenStackUnavailable,
+    ProcessError,
     RbdPluginError,
     StateUnwritable,
     VolumeBusy,
@@ -51,6 +53,7 @@ from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.process import stuck_gone
 from rbdplugin.spec import check_mkfs_words, parse_mount_options
+from rbdplugin.units import format_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", str, Sequence[str])
@@ -237,11 +240,19 @@ class Attacher:
             await self._check(info, record.device.path, record.fstype)
         if info.renew_uuid and not read_only and marking is None:
             await self._renew_uuid(info, record.device.path, record.fstype)
+        # A volume grown while not mounted here (or where the kernel refused to grow it
+        # online) fills its device now: ext4 before the mount, xfs (online only) after.
+        grow = marking is None and not read_only
+        grow = grow and await self.fs.room_to_grow(record.device.path, record.fstype)
+        if grow and record.fstype == "ext4":
+            await self._grow_at_mount(info, record, None)
         try:
             await self._mount(info, record, record.device.path, read_only)
         finally:
             if marking is not None:  # its mkfs is done: the mark is true either way
                 await marking
+        if grow and record.fstype == "xfs":
+            await self._grow_at_mount(info, record, Path(record.mountpoint))
         crash_point("mount.after-mount-syscall")
         record.phase = "mounted"
         record.since = _now()
@@ -289,6 +300,42 @@ class Attacher:
         await self.backend.uuid_renewed(info.name)
         log.info("volume %s: clone of %s, gave its %s a new UUID", info.name, info.spec.origin,
                  fstype)  # fmt: skip
+
+    async def _grow_at_mount(self, info: VolumeInfo, record: MountRecord, at: Path | None) -> None:
+        assert record.device is not None  # noqa: S101 - mapped by now
+        try:
+            await self.fs.grow(record.device.path, record.fstype, at)
+        except ProcessError as exc:  # the data is fine: it mounts at its present size
+            log.warning("volume %s: could not grow its %s filesystem to fill %s: %s",
+                        info.name, record.fstype, record.device.path, exc)  # fmt: skip
+            return
+        log.info("volume %s: grew its %s filesystem to fill %s", info.name, record.fstype,
+                 record.device.path)  # fmt: skip
+
+    async def grow(self, volume: str, size: int) -> Growth | None:
+        """Bring a volume mounted here up to its storage's new ``size``: its device,
+        then its filesystem, in place; None if it is not mounted here."""
+        record = self.mounted(volume)
+        if record is None or record.device is None:
+            return None
+        if record.lost or record.broken:
+            raise VolumeBusy(
+                f"volume {volume!r}: its storage grew to {format_size(size)}, but its mount "
+                f"here is {'LOST' if record.lost else 'BROKEN'} "
+                f"({record.lost or record.broken}); its filesystem grows at its next Mount"
+            )
+        device = record.device.path
+        await self.attachment.grow(record.device, size)
+        try:
+            await self.fs.grow(device, record.fstype, Path(record.mountpoint))
+        except ProcessError as exc:
+            reason = _grow_refusal(exc.output) or str(exc)
+            log.warning("volume %s: %s grew to %s, its %s filesystem did not: %s",
+                        volume, device, format_size(size), record.fstype, reason)  # fmt: skip
+            return Growth(device, done=False, detail=reason)
+        log.info("volume %s: grew %s and its %s filesystem at %s to %s online", volume, device,
+                 record.fstype, record.mountpoint, format_size(size))  # fmt: skip
+        return Growth(device, done=True, detail="")
 
     def _sharing(self, record: MountRecord) -> list[MountRecord]:
         """Other volumes of this table on the same storage (a source and its companions)."""
@@ -617,6 +664,24 @@ class Attacher:
             await self.check_lease(record, renew=False)
         except RbdPluginError as exc:
             log.error("volume %s: cannot check its lease yet: %s", record.volume, exc)
+
+
+@dataclass(frozen=True)
+class Growth:
+    """What a resize did to a volume mounted here."""
+
+    device: str
+    done: bool  # the filesystem grew too; else ``detail`` says why not
+    detail: str
+
+
+def _grow_refusal(output: str) -> str | None:
+    if "Permission denied to resize" in output:
+        return (
+            "the kernel refused to grow the mounted ext4 filesystem (online resize needs "
+            "CAP_SYS_RESOURCE, which the daemon lacks here)"
+        )
+    return None
 
 
 def abandon(task: asyncio.Future[Any]) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import os
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -296,6 +297,40 @@ class Filesystems:
     def mount_points_of(self, device: str) -> list[str]:
         return mount_points_of(self.host, device)
 
+    async def room_to_grow(self, device: str, fstype: str) -> bool:
+        """Whether the filesystem on ``device`` is smaller than the device by more than
+        its own rounding (a volume grown while unmounted, or online where the kernel
+        refused); read from its superblock, without a tool."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                head = await asyncio.to_thread(_read_head, device)
+        except (TimeoutError, OSError):
+            return False  # never a reason to fail a Mount: it mounts at its present size
+        slack = _slack(head, fstype)
+        return slack is not None and self.device_size(device) - slack[0] >= slack[1]
+
+    async def grow(self, device: str, fstype: str, target: Path | None) -> None:
+        """Grow the filesystem to fill ``device``: mounted at ``target`` (online), or
+        unmounted (``target`` None; ext4 only: xfs grows mounted only)."""
+        if fstype == "xfs":
+            if target is None:
+                raise ValueError("xfs grows only while mounted")
+            argv = ["xfs_growfs", str(target)]
+        elif target is None:
+            # Offline resize2fs insists on a freshly checked filesystem. e2fsck exits 1
+            # when it corrected something, which -p does only where that is safe.
+            check = ["e2fsck", "-f", "-p", device]
+            done = await self.runner(Command(check, timeout=self.timeout, check=False))
+            if done.returncode not in (0, 1):
+                raise ProcessError(
+                    f"e2fsck -f -p {device} exited {done.returncode}: {done.output}",
+                    output=done.output,
+                )
+            argv = ["resize2fs", device]
+        else:
+            argv = ["resize2fs", device]
+        await self.runner(Command(argv, timeout=self.timeout))
+
     def usage(self, target: Path) -> Usage:
         st = os.statvfs(target)
         size = st.f_blocks * st.f_frsize
@@ -333,3 +368,35 @@ def _problems(device: str, tool: str, code: int, output: str, by_hand: str) -> s
 def _last_line(output: str) -> str:
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
+
+
+def _read_head(device: str) -> bytes:
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, 4096, 0)
+    finally:
+        os.close(fd)
+
+
+def _slack(head: bytes, fstype: str) -> tuple[int, int] | None:
+    """The filesystem's size in bytes by its superblock, and how much larger its device
+    must be before growing it adds anything (mkfs and the growers drop a last block
+    group or allocation group too small to hold its own metadata); None if unreadable."""
+    if fstype == "xfs":
+        if head[:4] != b"XFSB":
+            return None
+        block_size, blocks = struct.unpack_from(">IQ", head, 4)
+        return block_size * blocks, 16 * 1024 * 1024  # XFS_MIN_AG_BYTES
+    sb = head[1024:2048]
+    if len(sb) < 1024 or struct.unpack_from("<H", sb, 0x38)[0] != 0xEF53:
+        return None
+    blocks_lo, _, _, _, _, log_block = struct.unpack_from("<IIIIII", sb, 0x4)
+    block_size = 1024 << log_block
+    incompat = struct.unpack_from("<I", sb, 0x60)[0]
+    blocks_hi = struct.unpack_from("<I", sb, 0x150)[0] if incompat & 0x80 else 0
+    inodes_per_group = struct.unpack_from("<I", sb, 0x28)[0]
+    inode_size = struct.unpack_from("<H", sb, 0x58)[0] or 128
+    reserved_gdt = struct.unpack_from("<H", sb, 0xCE)[0]
+    # mke2fs and resize2fs: a last group of fewer than overhead + 50 blocks is dropped.
+    overhead = 3 + inodes_per_group * inode_size // block_size + reserved_gdt + 50
+    return ((blocks_hi << 32) | blocks_lo) * block_size, overhead * block_size
