@@ -1,5 +1,5 @@
 """The ``rbdplugin`` command: serve, devcluster, devcloud, check-config, status, locks,
-trash, example-config."""
+trash, volume, snapshot, example-config."""
 
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _locks_commands(commands)
     _trash_commands(commands)
+    _volume_commands(commands)
 
     d = commands.add_parser("devcluster", help="a throwaway single-node Ceph cluster")
     dc = d.add_subparsers(required=True, metavar="ACTION")
@@ -100,6 +101,40 @@ def _parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_example_config)
     register_devcloud(commands)
     return parser
+
+
+def _locks_commands(commands: Any) -> None:
+    locks = commands.add_parser("locks", help="who holds which volume; break a lock")
+    lk = locks.add_subparsers(required=True, metavar="ACTION")
+    ls = lk.add_parser("ls", help="list the hosts holding volumes")
+    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    ls.add_argument("--driver", help="only this driver (tenant)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_locks_ls)
+    br = lk.add_parser("break", help="fence the holder of VOLUME and release its lock")
+    br.add_argument("volume")
+    br.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    br.add_argument("--driver", help="the volume's driver (needed with several tenants)")
+    br.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    br.set_defaults(func=_locks_break)
+
+
+def _volume_commands(commands: Any) -> None:
+    vol = commands.add_parser("volume", help="operate on one volume through the daemon")
+    va = vol.add_subparsers(required=True, metavar="ACTION")
+    rs = va.add_parser(
+        "resize",
+        help="grow VOLUME to SIZE, online where it is mounted on this host (never shrinks)",
+        description="Grow VOLUME's image to SIZE; where it is mounted on this host, also its "
+        "device and filesystem, without unmounting. Exit 0: done; 2: the image grew but "
+        "its filesystem grows only at its next Mount (the reason is printed); 1: error.",
+    )
+    rs.add_argument("volume")
+    rs.add_argument("size", help="the new size, e.g. 40G (binary units; never smaller)")
+    rs.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    rs.add_argument("--driver", help="the volume's driver (needed with several tenants)")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=_volume_resize)
 
 
 def version() -> str:
@@ -259,20 +294,42 @@ def _problem(volume: dict[str, Any]) -> str:
     return "-"
 
 
-async def _ask_daemon(control: Path) -> dict[str, Any]:
+async def _ask_daemon(
+    control: Path, path: str = "/status", body: dict[str, Any] | None = None, seconds: float = 30
+) -> dict[str, Any]:
+    """GET ``path`` of the daemon's control socket, or POST ``body`` to it."""
     if not control.exists():
         raise RbdPluginError(f"no daemon answers at {control}: is rbdplugin serve running?")
     connector = aiohttp.UnixConnector(path=str(control))
-    timeout = aiohttp.ClientTimeout(total=30)
+    timeout = aiohttp.ClientTimeout(total=seconds)
+    method = "GET" if body is None else "POST"
     try:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.get("http://daemon/status") as response,
+            session.request(method, f"http://daemon{path}", json=body) as response,
         ):
             result: dict[str, Any] = await response.json()
             return result
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise RbdPluginError(f"the daemon at {control} did not answer: {exc}") from exc
+
+
+def _volume_resize(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    control = config.daemon.state_dir / "control.sock"
+    body = {"Driver": args.driver, "Name": args.volume, "Size": args.size}
+    # The daemon's own deadline (op_timeout) ends the work first; then its answer comes.
+    answer = asyncio.run(
+        _ask_daemon(control, "/volumes/resize", body, config.daemon.op_timeout + 10)
+    )
+    if answer.get("Err"):
+        raise RbdPluginError(str(answer["Err"]))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"volume {answer['Name']} (driver {answer['Driver']}): {answer['Before']} -> "
+              f"{answer['Size']}; {answer['Filesystem']}")  # fmt: skip
+    return 0 if answer["Complete"] else 2
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> str:
@@ -334,22 +391,6 @@ def _locks_break(args: argparse.Namespace) -> int:
     fenced = asyncio.run(locks.break_lock(config, tenant, args.volume))
     print(f"volume {args.volume}: released; fenced {', '.join(fenced) or 'nothing (no writer)'}")
     return 0
-
-
-def _locks_commands(commands: Any) -> None:
-    locks = commands.add_parser("locks", help="who holds which volume; break a lock")
-    lk = locks.add_subparsers(required=True, metavar="ACTION")
-    ls = lk.add_parser("ls", help="list the hosts holding volumes")
-    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    ls.add_argument("--driver", help="only this driver (tenant)")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_locks_ls)
-    br = lk.add_parser("break", help="fence the holder of VOLUME and release its lock")
-    br.add_argument("volume")
-    br.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    br.add_argument("--driver", help="the volume's driver (needed with several tenants)")
-    br.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    br.set_defaults(func=_locks_break)
 
 
 def _trash_commands(commands: Any) -> None:

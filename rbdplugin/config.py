@@ -110,6 +110,8 @@ class TenantConfig:
     remove_policy: RemovePolicy = "trash"
     trash_delay: int = 0
     auto_create: bool = True
+    # A Create of an existing volume with a larger size grows it (else: Conflict).
+    grow_on_create: bool = False
     takeover: Takeover = "auto"
     # Clones (clone-of, from-snapshot) are flattened in the background after Create: they
     # stop reading from their origin's snapshot, which is then freed.
@@ -213,6 +215,7 @@ _TENANT_TYPES: dict[str, type | tuple[type, ...]] = {
     "remove_policy": str,
     "trash_delay": (str, int),
     "auto_create": bool,
+    "grow_on_create": bool,
     "takeover": str,
     "flatten_clones": bool,
     "nosuid_nodev": bool,
@@ -381,6 +384,7 @@ def _common(name: str, t: Mapping[str, Any], where: str, backend: str) -> dict[s
         "max_total_size": _optional_size(t.get("max_total_size", ""), f"{where}.max_total_size"),
         "remove_policy": _remove_policy(t.get("remove_policy", default_policy), where, policies),
         "auto_create": t.get("auto_create", True),
+        "grow_on_create": t.get("grow_on_create", False),
         "nosuid_nodev": t.get("nosuid_nodev", True),
     }
 

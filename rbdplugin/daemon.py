@@ -31,7 +31,7 @@ from rbdplugin.backends.rbd import RbdBackend
 from rbdplugin.backends.rbd_attach import RbdAttachment
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
-from rbdplugin.errors import ConfigError
+from rbdplugin.errors import ConfigError, InvalidArgument
 from rbdplugin.filesystem import Filesystems
 from rbdplugin.health import CephProbe, control_app, metrics_app, socket_answers
 from rbdplugin.host import HostPaths
@@ -45,6 +45,7 @@ from rbdplugin.pools import started_pool
 from rbdplugin.process import reap_spawned, run, stuck_children
 from rbdplugin.service import VolumeService
 from rbdplugin.state import KnownVolumes, host_uuid
+from rbdplugin.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ class Daemon:
     async def _start_side(self) -> None:
         daemon = self.config.daemon
         control = daemon.state_dir / "control.sock"
-        runner = http_runner(control_app(self.status))
+        runner = http_runner(control_app(self.status, self.resize))
         await runner.setup()
         self._side.append(runner)
         await web.SockSite(runner, bind_unix(control)).start()
@@ -301,6 +302,28 @@ class Daemon:
             "health": await self.readiness(),
             "volumes": volumes,
         }
+
+    async def resize(self, driver: object, name: object, size: object) -> dict[str, Any]:
+        """``rbdplugin volume resize``: grow volume ``name`` of ``driver`` (which may be
+        left out when the daemon serves one driver) to ``size``."""
+        service = self._driver(driver).service
+        done = await service.resize(name, size)
+        return {
+            "Driver": service.tenant.driver, "Name": done.name,
+            "Before": format_size(done.before), "Size": format_size(done.size),
+            "SizeBytes": done.size, "Filesystem": done.filesystem, "Complete": done.complete,
+        }  # fmt: skip
+
+    def _driver(self, name: object) -> Driver:
+        names = ", ".join(d.tenant.driver for d in self.drivers)
+        if name is None or name == "":
+            if len(self.drivers) == 1:
+                return self.drivers[0]
+            raise InvalidArgument(f"this daemon serves several drivers ({names}): name one")
+        for driver in self.drivers:
+            if driver.tenant.driver == name:
+                return driver
+        raise InvalidArgument(f"no driver {name!r} here; this daemon serves: {names}")
 
     async def stop(self) -> None:
         side, self._side = self._side, []

@@ -4,13 +4,15 @@
   process runs) and ``/readyz`` (every driver's socket listens and every tenant's
   Ceph connection answers), each readiness answer a JSON body saying what is wrong.
 - On ``state_dir/control.sock`` (root only): ``/status``, the daemon's own view
-  for ``rbdplugin status``.
+  for ``rbdplugin status``; ``POST /volumes/resize`` (``{"Driver", "Name", "Size"}``)
+  for ``rbdplugin volume resize``, answered ``{"Err": ...}`` on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -19,12 +21,15 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from rbdplugin.errors import RbdPluginError
+from rbdplugin.errors import InvalidRequest, RbdPluginError
 from rbdplugin.service import VolumeService
 
+log = logging.getLogger(__name__)
 PROBE_SECONDS = 3.0
 Readiness = Callable[[], Awaitable[dict[str, Any]]]
 Status = Callable[[], Awaitable[dict[str, Any]]]
+# (driver or None, volume name, size as written) -> what was done.
+Resize = Callable[[object, object, object], Awaitable[dict[str, Any]]]
 
 
 class CephProbe:
@@ -96,10 +101,26 @@ def metrics_app(registry: CollectorRegistry, readiness: Readiness) -> web.Applic
     return app
 
 
-def control_app(status: Status) -> web.Application:
+def control_app(status: Status, resize: Resize | None = None) -> web.Application:
     async def handler(_: web.Request) -> web.Response:
         return _json(await status())
 
+    async def resizer(request: web.Request) -> web.Response:
+        # Imported here: api imports this module's neighbours, not the other way round.
+        from rbdplugin.api import decode  # noqa: PLC0415
+
+        assert resize is not None  # noqa: S101 - routed only when given
+        body: dict[str, Any] = {}
+        try:
+            body = await decode(request)
+            return _json(await resize(body.get("Driver"), body.get("Name"), body.get("Size")))
+        except RbdPluginError as exc:
+            log.info("control: resize of %r failed: %s", body.get("Name"), exc)
+            code = 400 if isinstance(exc, InvalidRequest) else 500
+            return _json({"Err": str(exc)}, code)
+
     app = web.Application()
     app.router.add_get("/status", handler)
+    if resize is not None:
+        app.router.add_post("/volumes/resize", resizer)
     return app

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from rbdplugin.attach import Ahead, Attacher, abandon
+from rbdplugin.attach import Ahead, Attacher, Growth, abandon
 from rbdplugin.backends import VolumeBackend, VolumeInfo
 from rbdplugin.config import TenantConfig
 from rbdplugin.errors import (
@@ -44,6 +44,7 @@ from rbdplugin.spec import (
     parse_create,
     validate_name,
     validate_snapshot_name,
+    volume_size,
 )
 from rbdplugin.state import KnownVolumes
 from rbdplugin.units import GiB, format_size
@@ -66,6 +67,18 @@ class VolumeView:
     status: dict[str, Any] = field(default_factory=dict)
     # RFC 3339 (docker volume inspect's CreatedAt); "" when unknown.
     created_at: str = ""
+
+
+@dataclass(frozen=True)
+class Resized:
+    """What a resize did."""
+
+    name: str
+    before: int
+    size: int
+    filesystem: str  # what became of its device and filesystem, for people
+    # False: mounted here, yet its filesystem still has to grow (at its next Mount).
+    complete: bool
 
 
 class VolumeService:
@@ -173,6 +186,12 @@ class VolumeService:
                     # Create first and look only on a clash (see _backend_create): a Create
                     # of a new volume, the common case, costs no look-up.
                     info = await self._backend_create(request)
+                if self._grows(request, info):  # outside the quota lock: _grow takes it
+                    log.info("volume %s: Create asks for %s, it has %s: growing it",
+                             info.name, format_size(request.spec.size),
+                             format_size(info.spec.size))  # fmt: skip
+                    await self._grow(info, request.spec.size)
+                    info = await self.backend.inspect(info.name, watchers=False)
                 self.known.remember(info.name, self._status(info))
             if info.spec.origin and info.linked and self.tenant.flatten_clones:
                 self._flatten_in_background(info.name)
@@ -337,13 +356,114 @@ class VolumeService:
             )
             await self.backend.adopt(request)
             info = await self.backend.inspect(info.name)
-        problems = incompatibilities(request, info.spec, self.defaults.size_step)
+        explicit = request.explicit - {"size"} if self._grows(request, info) else request.explicit
+        problems = incompatibilities(
+            replace(request, explicit=explicit), info.spec, self.defaults.size_step
+        )
         if problems:
             raise Conflict(
                 f"volume {request.name!r} already exists ({info.location}) and differs: "
                 f"{'; '.join(problems)}; use another name, or remove it first"
+                f"{self._size_hint(request, info) if 'size' in explicit else ''}"
             )
         return info
+
+    def _grows(self, request: CreateRequest, info: VolumeInfo) -> bool:
+        """Whether this Create of an existing volume grows it (tenant's grow_on_create)."""
+        return (
+            self.tenant.grow_on_create
+            and "size" in request.explicit
+            and request.spec.size > info.spec.size
+            and not info.spec.source
+        )
+
+    def _size_hint(self, request: CreateRequest, info: VolumeInfo) -> str:
+        if request.spec.size < info.spec.size:
+            return "; volumes never shrink"
+        if request.spec.size == info.spec.size or self.tenant.backend == "cinder":
+            return ""
+        return (
+            f"; to grow it: rbdplugin volume resize {request.name} "
+            f"{format_size(request.spec.size)} (or grow_on_create = true for driver "
+            f"{self.tenant.driver})"
+        )
+
+    # -- Resize --------------------------------------------------------------------------
+
+    async def resize(self, name: object, size: object) -> Resized:
+        """Grow a volume: its storage, and where it is mounted on this host its device
+        and filesystem, in place. Never shrinks."""
+        volume = validate_name(name)
+        wanted = volume_size(volume, size)
+        async with self._volume(volume, "resizing"):
+            info = await self._inspect_or_none(volume, watchers=False)
+            if info is None:
+                raise NotFound(f"volume {volume!r} does not exist (driver {self.tenant.driver})")
+            before = info.spec.size
+            growth = await self._grow(info, wanted)
+            if growth is not None:
+                filesystem = (
+                    f"{growth.device} and its filesystem grew online"
+                    if growth.done
+                    else f"{growth.device} grew; its filesystem did not: {growth.detail}; it "
+                    "grows at the volume's next Mount"
+                )
+            else:
+                filesystem = await self._elsewhere(info)
+            info = await self.backend.inspect(volume, watchers=False)
+            self.known.remember(volume, self._status(info))
+        return Resized(volume, before, info.spec.size, filesystem,
+                       complete=growth is None or growth.done)  # fmt: skip
+
+    async def _grow(self, info: VolumeInfo, size: int) -> Growth | None:
+        name, have = info.name, info.spec.size
+        if info.spec.source:
+            raise InvalidArgument(
+                f"volume {name!r} is a read-only companion of {info.spec.source!r}: resize "
+                "that volume instead"
+            )
+        if size < have:
+            raise InvalidArgument(
+                f"volume {name!r} is {format_size(have)} ({have} bytes); refusing to shrink "
+                f"it to {format_size(size)}: ext4 and xfs cannot shrink while mounted (xfs "
+                "not at all), and cutting the image would destroy whatever lies past the new "
+                f"end. Give a size of at least {format_size(have)}"
+            )
+        if size > have:
+            async with self._quota:
+                await self._check_growth(info, size)
+                with self.metrics.stage("resize"):
+                    await self.backend.resize(name, size)
+            log.info("volume %s: grew %s from %s to %s", name, info.location,
+                     format_size(have), format_size(size))  # fmt: skip
+        # Also at the same size: a retry finishes a device or filesystem left behind.
+        return await self.attacher.grow(name, size)
+
+    async def _check_growth(self, info: VolumeInfo, size: int) -> None:
+        total = self.tenant.max_total_size
+        if not total:
+            return
+        usage = await self.backend.usage()
+        after = usage.provisioned + size - info.spec.size
+        if after > total:
+            raise QuotaExceeded(
+                f"volume {info.name!r}: growing it to {format_size(size)} would bring driver "
+                f"{self.tenant.driver} to {format_size(after)}, over its quota of "
+                f"{format_size(total)}"
+            )
+
+    async def _elsewhere(self, info: VolumeInfo) -> str:
+        """What a resize means for a volume not mounted on this host."""
+        try:
+            live = [h.host for h in await self.attacher.holders(info) if h.alive]
+        except RbdPluginError:
+            live = []
+        if live:
+            return (
+                f"mounted on host {', '.join(live)}, not here: its filesystem grows at its "
+                "next Mount there"
+            )
+        return "not mounted: its filesystem grows at its next Mount"
 
     # -- Mount / Unmount -------------------------------------------------------------------
 

@@ -384,6 +384,13 @@ def _fstype(name: str, fstype: str) -> str:
 
 
 def _size(name: str, text: str, fstype: str) -> int:
+    return volume_size(name, text)
+
+
+def volume_size(name: str, text: object) -> int:
+    """A volume's size as written (``20G``), in bytes rounded up to a MiB, at most 1 PiB."""
+    if not isinstance(text, str):
+        raise InvalidArgument(f"volume {shown(name)}: size must be a string such as 20G")
     try:
         size = parse_size(text)
     except InvalidArgument as exc:
