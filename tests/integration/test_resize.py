@@ -16,12 +16,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import rbd
 
 from rbdplugin.devcluster import DevCluster
 from rbdplugin.units import MiB
 from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
 from tests.integration.test_mount import mount, unmount
 
 # alpha: no grow_on_create (the default); beta: grow_on_create = true.
@@ -285,3 +286,24 @@ def test_resize_refused_for_a_companion(daemon: DaemonProcess) -> None:
     assert f"is a read-only companion of '{source}': resize that volume instead" in done.stderr
     for name in (companion, source):
         assert client.remove(name) == {"Err": ""}
+
+
+def test_growth_counts_against_the_quota(
+    cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin
+) -> None:
+    with admin.cluster.open_ioctx("gamma") as ioctx:
+        provisioned = rbd.RBD().pool_stats_get(ioctx)["image_max_provisioned_bytes"]
+    quota = -(-provisioned // MiB) * MiB + 200 * MiB  # room for 200M more
+    proc = daemon_factory(
+        tenant_toml(cluster, "gamma", max_total_size=f"{quota // MiB}M"), wait_for="gamma"
+    )
+    client, name = proc.client("gamma"), unique("quota")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    done = resize(proc, name, "512M")
+    assert done.returncode == 1
+    assert "growing it to 512M would bring driver gamma to" in done.stderr
+    assert f"over its quota of {quota // MiB}M" in done.stderr
+    assert rbd_size(cluster, "gamma", name) == 64 * MiB
+    assert resize(proc, name, "192M").returncode == 0
+    assert rbd_size(cluster, "gamma", name) == 192 * MiB
+    assert client.remove(name) == {"Err": ""}
