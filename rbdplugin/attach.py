@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from rbdplugin.filesystem import (
 from rbdplugin.metrics import Metrics
 from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.process import stuck_gone
-from rbdplugin.spec import check_mkfs_words, parse_mount_options
+from rbdplugin.spec import ROOT_ID_MAX, check_mkfs_words, parse_mount_options
 from rbdplugin.units import format_size
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,9 @@ class Attacher:
         self.teardown_seconds = teardown_seconds
         # fsck=auto: the last check that found something, per volume (Get shows it).
         self.checks: dict[str, str] = {}
+        # Volumes whose new filesystem's root is being owned as asked; their formatted
+        # mark waits for it (a crash before it leaves the mkfs to be redone).
+        self._owning: dict[str, asyncio.Event] = {}
         # Teardowns still running (past their caller's budget), by volume.
         self._teardowns: dict[str, tuple[asyncio.Task[None], str]] = {}
 
@@ -233,6 +237,28 @@ class Attacher:
             proven = await blank
         finally:
             abandon(blank)
+        spec = info.spec
+        owner = (spec.root_uid, spec.root_gid, spec.root_mode) != (None, None, None)
+        if owner and not read_only:
+            # A new filesystem's mark waits until its root is owned as asked (see _own).
+            self._owning[info.name] = asyncio.Event()
+        try:
+            await self._make_and_mount(info, record, read_only, proven)
+        finally:
+            self._owning.pop(info.name, None)
+        crash_point("mount.after-mount-syscall")
+        record.phase = "mounted"
+        record.since = _now()
+        record.counts = {mount_id: 1}
+        self.table.save(record)
+        crash_point("mount.after-mounted-saved")
+        log.info("volume %s: mounted %s at %s (%s)", info.name, record.device.path,
+                 record.mountpoint, record.device.via)  # fmt: skip
+
+    async def _make_and_mount(
+        self, info: VolumeInfo, record: MountRecord, read_only: bool, proven: bool
+    ) -> None:
+        assert record.device is not None  # noqa: S101 - mapped by now
         record.fstype, marking = await self._format_once(
             info, record.device.path, read_only, proven
         )
@@ -246,21 +272,21 @@ class Attacher:
         grow = grow and await self.fs.room_to_grow(record.device.path, record.fstype)
         if grow and record.fstype == "ext4":
             await self._grow_at_mount(info, record, None)
+        gate = self._owning.get(info.name)
         try:
             await self._mount(info, record, record.device.path, read_only)
+            if marking is not None and gate is not None:
+                await self._own(info, Path(record.mountpoint))
+                gate.set()
         finally:
-            if marking is not None:  # its mkfs is done: the mark is true either way
-                await marking
+            if marking is not None and (gate is None or gate.is_set()):
+                await marking  # its mkfs is done: the mark is true either way
+            elif marking is not None:
+                # Never marked formatted: the next Mount formats afresh (nothing was
+                # handed out yet), then owns the root as asked.
+                abandon(marking)
         if grow and record.fstype == "xfs":
             await self._grow_at_mount(info, record, Path(record.mountpoint))
-        crash_point("mount.after-mount-syscall")
-        record.phase = "mounted"
-        record.since = _now()
-        record.counts = {mount_id: 1}
-        self.table.save(record)
-        crash_point("mount.after-mounted-saved")
-        log.info("volume %s: mounted %s at %s (%s)", info.name, record.device.path,
-                 record.mountpoint, record.device.via)  # fmt: skip
 
     async def _mount(
         self, info: VolumeInfo, record: MountRecord, device: str, read_only: bool
@@ -300,6 +326,27 @@ class Attacher:
         await self.backend.uuid_renewed(info.name)
         log.info("volume %s: clone of %s, gave its %s a new UUID", info.name, info.spec.origin,
                  fstype)  # fmt: skip
+
+    async def _own(self, info: VolumeInfo, root: Path) -> None:
+        """Give a new filesystem's root the owner and mode Create asked for (uid, gid,
+        mode), before its path is handed out; never again on later Mounts, so an
+        operator's later chown or chmod stays."""
+        spec = info.spec
+        try:
+            uid, gid, mode = _checked_owner(info.name, spec.root_uid, spec.root_gid, spec.root_mode)
+        except InvalidArgument as exc:
+            raise InvalidArgument(
+                f"{exc}; it is stored with the volume ({info.location}), not in this request: "
+                "fix or remove it there"
+            ) from exc
+        try:
+            await asyncio.to_thread(_chown_chmod, root, uid, gid, mode)
+        except OSError as exc:
+            raise ProcessError(f"volume {info.name!r}: cannot set the owner or mode of "
+                               f"{root}: {exc}") from exc  # fmt: skip
+        log.info("volume %s: its new filesystem's root is %s:%s mode %s", info.name,
+                 "-" if uid < 0 else uid, "-" if gid < 0 else gid,
+                 "-" if mode is None else f"{mode:04o}")  # fmt: skip
 
     async def _grow_at_mount(self, info: VolumeInfo, record: MountRecord, at: Path | None) -> None:
         assert record.device is not None  # noqa: S101 - mapped by now
@@ -443,6 +490,9 @@ class Attacher:
         return asyncio.ensure_future(self._formatted(info))
 
     async def _formatted(self, info: VolumeInfo) -> None:
+        gate = self._owning.get(info.name)
+        if gate is not None:
+            await gate.wait()
         with self.metrics.stage("mark"):
             await self.backend.formatting_done(info.name)
         crash_point("mkfs.after-mark-done")
@@ -673,6 +723,25 @@ class Growth:
     device: str
     done: bool  # the filesystem grew too; else ``detail`` says why not
     detail: str
+
+
+def _checked_owner(
+    name: str, uid: int | None, gid: int | None, mode: int | None
+) -> tuple[int, int, int | None]:
+    """Stored uid, gid and mode, checked again; -1 for an id not to change."""
+    for key, value in (("uid", uid), ("gid", gid)):
+        if value is not None and not 0 <= value <= ROOT_ID_MAX:
+            raise InvalidArgument(f"volume {name!r}: {key} {value} is not in 0-{ROOT_ID_MAX}")
+    if mode is not None and not 0 <= mode <= 0o7777:
+        raise InvalidArgument(f"volume {name!r}: mode {mode:o} is not an octal mode 0000-7777")
+    return (-1 if uid is None else uid), (-1 if gid is None else gid), mode
+
+
+def _chown_chmod(root: Path, uid: int, gid: int, mode: int | None) -> None:
+    if uid >= 0 or gid >= 0:
+        os.chown(root, uid, gid)
+    if mode is not None:  # after chown, which clears set-id bits
+        os.chmod(root, mode)
 
 
 def _grow_refusal(output: str) -> str | None:

@@ -40,6 +40,7 @@ from rbdplugin.spec import (
     CreateRequest,
     Defaults,
     clone_snapshot_prefix,
+    format_mode,
     incompatibilities,
     parse_create,
     validate_name,
@@ -701,14 +702,7 @@ class VolumeService:
             status["mkfs_options"] = " ".join(spec.mkfs_options)
         if spec.mount_options:
             status["mount_options"] = ",".join(spec.mount_options)
-        if spec.qos:
-            status["qos"] = dict(spec.qos)
-        if spec.origin:
-            status["clone_of"] = spec.origin
-        if info.snapshots:
-            status["snapshots"] = list(info.snapshots)
-        if spec.fsck != "off":
-            status["fsck_mode"] = spec.fsck
+        status.update(_lifecycle_status(info))
         if info.watchers:
             status["open_by"] = list(info.watchers)
         return status
@@ -822,6 +816,23 @@ class VolumeService:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.known.close()
         await self.backend.close()
+
+
+def _lifecycle_status(info: VolumeInfo) -> dict[str, Any]:
+    """What Get says of the options beyond the filesystem: QoS, clone, snapshots, checks,
+    the root's owner. Only what is set."""
+    spec, status = info.spec, {}
+    candidates: dict[str, Any] = {
+        "qos": dict(spec.qos), "clone_of": spec.origin, "snapshots": list(info.snapshots),
+        "fsck_mode": "" if spec.fsck == "off" else spec.fsck,
+        # asked at Create, applied at first format
+        "root_uid": spec.root_uid, "root_gid": spec.root_gid,
+        "root_mode": None if spec.root_mode is None else format_mode(spec.root_mode),
+    }  # fmt: skip
+    for key, value in candidates.items():
+        if value not in (None, "", [], {}):
+            status[key] = value
+    return status
 
 
 def _qos_note(mapper: object) -> str:

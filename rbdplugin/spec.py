@@ -77,6 +77,9 @@ OPTIONS: dict[str, str] = {
     "clone-of": "an existing volume: a copy-on-write clone of it as it is now",
     "from-snapshot": "VOLUME@SNAPSHOT: a copy-on-write clone of that snapshot",
     **{option: _IOPS_HELP if "iops" in option else _BPS_HELP for option in QOS},
+    "uid": "owner of the filesystem's root at first format, a number 0-4294967294",
+    "gid": "group of the filesystem's root at first format, a number 0-4294967294",
+    "mode": "permissions of the filesystem's root at first format, octal 0000-7777, e.g. 0750",
 }
 # Options of a Cinder-mode tenant's Create: no pools, features or companions there.
 CINDER_OPTIONS: dict[str, str] = {
@@ -127,6 +130,10 @@ class VolumeSpec:
     origin: str = ""
     # "auto": a filesystem left unclean (a crash, a lost host) is checked before a Mount.
     fsck: str = "off"
+    # Set on the filesystem's root right after our mkfs (None: mkfs's own, root 0755).
+    root_uid: int | None = None
+    root_gid: int | None = None
+    root_mode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
             f"use at least {format_size(MIN_SIZE[fstype])}"
         )
     cinder = defaults.options is CINDER_OPTIONS
+    uid, gid, mode = _root_owner(name, options)
     spec = VolumeSpec(
         size=size,
         fstype=fstype,
@@ -214,6 +222,9 @@ def parse_create(name: str, opts: object, defaults: Defaults) -> CreateRequest:
         qos=parse_qos(name, options),
         origin=_origin(name, options),
         fsck=_fsck(name, options.get("fsck", "off")),
+        root_uid=uid,
+        root_gid=gid,
+        root_mode=mode,
     )
     if spec.source and spec.qos:
         raise InvalidArgument(
@@ -359,6 +370,45 @@ def _companion(name: str, options: Mapping[str, str]) -> dict[str, str]:
         if source == name:
             raise InvalidArgument(f"volume {shown(name)} cannot be its own source")
     return {"source": source, "access": access}
+
+
+ROOT_ID_MAX = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel
+_MODE_RE = re.compile(r"^0?[0-7]{3,4}\Z")
+
+
+def _root_owner(name: str, options: Mapping[str, str]) -> tuple[int | None, int | None, int | None]:
+    """uid, gid and mode options: the filesystem root's owner and permissions."""
+    found: dict[str, int | None] = {"uid": None, "gid": None, "mode": None}
+    for key in ("uid", "gid"):
+        value = options.get(key)
+        if value is None:
+            continue
+        if not (value.isascii() and value.isdigit() and len(value) <= 10) or (
+            int(value) > ROOT_ID_MAX
+        ):
+            raise InvalidArgument(
+                f"volume {shown(name)}: {key} {shown(value)} is invalid: use a number "
+                f"0-{ROOT_ID_MAX}, e.g. {key}=1000"
+            )
+        found[key] = int(value)
+    mode = options.get("mode")
+    if mode is not None:
+        if not _MODE_RE.match(mode) or int(mode, 8) > 0o7777:
+            raise InvalidArgument(
+                f"volume {shown(name)}: mode {shown(mode)} is invalid: use an octal mode "
+                "0000-7777 (three or four digits 0-7), e.g. mode=0750"
+            )
+        found["mode"] = int(mode, 8)
+    if "source" in options and any(v is not None for v in found.values()):
+        raise InvalidArgument(
+            f"volume {shown(name)}: uid, gid and mode apply when a volume is first "
+            "formatted; a read-only companion is never formatted (set them on its source)"
+        )
+    return found["uid"], found["gid"], found["mode"]
+
+
+def format_mode(mode: int | None) -> str:
+    return "" if mode is None else f"{mode:04o}"
 
 
 # Cinder volume types and zones are names an admin made: letters, digits and a few signs.
@@ -754,6 +804,9 @@ def incompatibilities(
         "clone-of": (wanted.origin.partition("@")[0], found.origin.partition("@")[0], str),
         "from-snapshot": (wanted.origin, found.origin, str),
         "fsck": (wanted.fsck, found.fsck, str),
+        "uid": (wanted.root_uid, found.root_uid, _shown_id),
+        "gid": (wanted.root_gid, found.root_gid, _shown_id),
+        "mode": (wanted.root_mode, found.root_mode, format_mode),
     }
     problems = []
     for key, (want, have, show) in checks.items():
@@ -767,3 +820,7 @@ def incompatibilities(
             problems.append(f"{key}={unit(wanted_qos[key])} "
                             f"(it has {unit(have_qos) if have_qos else 'none'})")  # fmt: skip
     return problems
+
+
+def _shown_id(value: int | None) -> str:
+    return "" if value is None else str(value)

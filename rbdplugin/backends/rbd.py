@@ -120,6 +120,7 @@ class RbdBackend:
             f"{META}created_at": _iso(now),
             f"{META}fresh": "1",
             f"{META}fsck": spec.fsck if spec.fsck != "off" else "",
+            **_root_metadata(spec),
         }
         metadata = {key: value for key, value in metadata.items() if value}
         metadata.update(qos_metadata(spec.qos))
@@ -298,6 +299,7 @@ class RbdBackend:
             f"{META}fstype": request.spec.fstype,
             f"{META}mkfs_options": shlex.join(request.spec.mkfs_options),
             f"{META}mount_options": ",".join(request.spec.mount_options),
+            **_root_metadata(request.spec),
         }
 
         def record(ioctx: rados.Ioctx) -> None:
@@ -390,6 +392,9 @@ class RbdBackend:
             qos=qos_from_metadata(header.metadata),
             origin=meta.get("clone_of", ""),
             fsck=meta.get("fsck", "off"),
+            root_uid=_number(meta.get("root_uid", "")),
+            root_gid=_number(meta.get("root_gid", "")),
+            root_mode=_number(meta.get("root_mode", ""), 8),
         )
         created = header.created
         return VolumeInfo(
@@ -635,3 +640,25 @@ def _formatted(meta: Mapping[str, str], marks: Mapping[str, str]) -> str:
 
 def _iso(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _root_metadata(spec: VolumeSpec) -> dict[str, str]:
+    """The filesystem root's owner and mode asked at Create, as image metadata (so a
+    first Mount on any host applies them); "" for those not asked (never stored)."""
+    return {
+        f"{META}root_uid": _shown(spec.root_uid, "d"),
+        f"{META}root_gid": _shown(spec.root_gid, "d"),
+        f"{META}root_mode": _shown(spec.root_mode, "04o"),
+    }
+
+
+def _shown(value: int | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _number(text: str, base: int = 10) -> int | None:
+    """A stored number, or None if absent or unreadable (checked again before use)."""
+    try:
+        return int(text, base) if text else None
+    except ValueError:
+        return None
