@@ -251,12 +251,12 @@ def _origin(name: str, options: Mapping[str, str]) -> str:
             f"volume {shown(name)}: clone-of and from-snapshot exclude each other: clone-of=VOL "
             "clones VOL as it is now, from-snapshot=VOL@SNAP clones a snapshot of it"
         )
-    for clashing in ("source", "mkfs-options"):
+    for clashing in ("source", "mkfs-options", "uid", "gid", "mode"):
         if clashing in options and ("clone-of" in options or "from-snapshot" in options):
             why = (
-                "a clone is never formatted: it carries its origin's filesystem"
-                if clashing == "mkfs-options"
-                else "a clone is a volume of its own"
+                "a clone is a volume of its own"
+                if clashing == "source"
+                else "a clone is never formatted: it carries its origin's filesystem"
             )
             raise InvalidArgument(f"volume {shown(name)}: {clashing} does not go with a clone: "
                                   f"{why}")  # fmt: skip
