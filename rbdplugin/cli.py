@@ -77,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     _locks_commands(commands)
     _trash_commands(commands)
     _volume_commands(commands)
+    _snapshot_commands(commands)
 
     d = commands.add_parser("devcluster", help="a throwaway single-node Ceph cluster")
     dc = d.add_subparsers(required=True, metavar="ACTION")
@@ -135,6 +136,22 @@ def _volume_commands(commands: Any) -> None:
     rs.add_argument("--driver", help="the volume's driver (needed with several tenants)")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(func=_volume_resize)
+
+
+def _snapshot_commands(commands: Any) -> None:
+    snap = commands.add_parser("snapshot", help="snapshots of a volume, through the daemon")
+    sa = snap.add_subparsers(required=True, metavar="ACTION")
+    for action, target, text in (
+        ("create", "VOLUME@SNAPSHOT", "take a snapshot (the filesystem frozen if mounted here)"),
+        ("rm", "VOLUME@SNAPSHOT", "remove a snapshot (refused while clones read from it)"),
+        ("ls", "VOLUME", "list a volume's snapshots"),
+    ):
+        p = sa.add_parser(action, help=text)
+        p.add_argument("target", metavar=target)
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+        p.add_argument("--driver", help="the volume's driver (needed with several tenants)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=_snapshot, action=action)
 
 
 def version() -> str:
@@ -330,6 +347,31 @@ def _volume_resize(args: argparse.Namespace) -> int:
         print(f"volume {answer['Name']} (driver {answer['Driver']}): {answer['Before']} -> "
               f"{answer['Size']}; {answer['Filesystem']}")  # fmt: skip
     return 0 if answer["Complete"] else 2
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    volume, at, snapshot = args.target.partition("@")
+    if (args.action == "ls") == bool(at):
+        form = "VOLUME" if args.action == "ls" else "VOLUME@SNAPSHOT"
+        raise ConfigError(f"snapshot {args.action} takes {form}, not {args.target!r}")
+    config = load_config(args.config)
+    body = {"Driver": args.driver, "Name": volume, "Snapshot": snapshot, "Action": args.action}
+    control = config.daemon.state_dir / "control.sock"
+    wait = config.daemon.op_timeout + 10  # the daemon's own deadline ends the work first
+    answer = asyncio.run(_ask_daemon(control, "/volumes/snapshot", body, wait))
+    if answer.get("Err"):
+        raise RbdPluginError(str(answer["Err"]))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif args.action == "ls":
+        print("\n".join(answer["Snapshots"]))
+    elif args.action == "create":
+        how = ("its filesystem frozen around it: consistent" if answer["Frozen"]
+               else "not mounted on this host: crash-consistent")  # fmt: skip
+        print(f"volume {volume}: snapshot {snapshot} taken ({how})")
+    else:
+        print(f"volume {volume}: snapshot {snapshot} removed")
+    return 0
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> str:

@@ -44,6 +44,7 @@ from rbdplugin.notify import Notifier
 from rbdplugin.pools import started_pool
 from rbdplugin.process import reap_spawned, run, stuck_children
 from rbdplugin.service import VolumeService
+from rbdplugin.spec import validate_name
 from rbdplugin.state import KnownVolumes, host_uuid
 from rbdplugin.units import format_size
 
@@ -233,7 +234,8 @@ class Daemon:
     async def _start_side(self) -> None:
         daemon = self.config.daemon
         control = daemon.state_dir / "control.sock"
-        runner = http_runner(control_app(self.status, self.resize))
+        actions = {"resize": self._resize, "snapshot": self.snapshot_action}
+        runner = http_runner(control_app(self.status, actions))
         await runner.setup()
         self._side.append(runner)
         await web.SockSite(runner, bind_unix(control)).start()
@@ -313,6 +315,31 @@ class Daemon:
             "Before": format_size(done.before), "Size": format_size(done.size),
             "SizeBytes": done.size, "Filesystem": done.filesystem, "Complete": done.complete,
         }  # fmt: skip
+
+    async def _resize(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self.resize(body.get("Driver"), body.get("Name"), body.get("Size"))
+
+    async def snapshot_action(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``rbdplugin snapshot create|rm|ls``: ``Action`` on volume ``Name`` of ``Driver``
+        (``Snapshot`` names it for create and rm)."""
+        service = self._driver(body.get("Driver")).service
+        name, snapshot, action = (
+            validate_name(body.get("Name")),
+            body.get("Snapshot"),
+            body.get("Action"),
+        )
+        answer: dict[str, Any] = {"Driver": service.tenant.driver, "Name": name}
+        if action == "create":
+            answer.update(Snapshot=snapshot, Frozen=await service.snapshot(name, snapshot))
+        elif action == "rm":
+            await service.remove_snapshot(name, snapshot)
+            answer.update(Snapshot=snapshot)
+        elif action == "ls":
+            view = await service.get(name)
+            answer.update(Snapshots=view.status.get("snapshots", []))
+        else:
+            raise InvalidArgument(f"snapshot action {action!r} is not one of create, rm, ls")
+        return answer
 
     def _driver(self, name: object) -> Driver:
         names = ", ".join(d.tenant.driver for d in self.drivers)

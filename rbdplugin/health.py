@@ -4,8 +4,10 @@
   process runs) and ``/readyz`` (every driver's socket listens and every tenant's
   Ceph connection answers), each readiness answer a JSON body saying what is wrong.
 - On ``state_dir/control.sock`` (root only): ``/status``, the daemon's own view
-  for ``rbdplugin status``; ``POST /volumes/resize`` (``{"Driver", "Name", "Size"}``)
-  for ``rbdplugin volume resize``, answered ``{"Err": ...}`` on failure.
+  for ``rbdplugin status``; the operator's actions on volumes as ``POST /volumes/ACTION``
+  with a JSON body (``{"Driver", "Name", ...}``): ``resize`` (``"Size"``) for ``rbdplugin
+  volume resize``, ``snapshot`` (``"Snapshot"``, ``"Action"``: create, rm, ls) for
+  ``rbdplugin snapshot``; answered ``{"Err": ...}`` on failure.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,8 @@ log = logging.getLogger(__name__)
 PROBE_SECONDS = 3.0
 Readiness = Callable[[], Awaitable[dict[str, Any]]]
 Status = Callable[[], Awaitable[dict[str, Any]]]
-# (driver or None, volume name, size as written) -> what was done.
-Resize = Callable[[object, object, object], Awaitable[dict[str, Any]]]
+# A control action: the request's JSON body -> what was done.
+Action = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class CephProbe:
@@ -101,26 +103,31 @@ def metrics_app(registry: CollectorRegistry, readiness: Readiness) -> web.Applic
     return app
 
 
-def control_app(status: Status, resize: Resize | None = None) -> web.Application:
+def control_app(status: Status, actions: Mapping[str, Action] | None = None) -> web.Application:
+    """``actions``: ``POST /volumes/<name>`` with a JSON body, answered with the action's
+    result, or ``{"Err": ...}`` (400 for a bad request, 500 for the rest)."""
+
     async def handler(_: web.Request) -> web.Response:
         return _json(await status())
 
-    async def resizer(request: web.Request) -> web.Response:
-        # Imported here: api imports this module's neighbours, not the other way round.
-        from rbdplugin.api import decode  # noqa: PLC0415
+    def answering(name: str, action: Action) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def answer(request: web.Request) -> web.Response:
+            # Imported here: api imports this module's neighbours, not the other way round.
+            from rbdplugin.api import decode  # noqa: PLC0415
 
-        assert resize is not None  # noqa: S101 - routed only when given
-        body: dict[str, Any] = {}
-        try:
-            body = await decode(request)
-            return _json(await resize(body.get("Driver"), body.get("Name"), body.get("Size")))
-        except RbdPluginError as exc:
-            log.info("control: resize of %r failed: %s", body.get("Name"), exc)
-            code = 400 if isinstance(exc, InvalidRequest) else 500
-            return _json({"Err": str(exc)}, code)
+            body: dict[str, Any] = {}
+            try:
+                body = await decode(request)
+                return _json(await action(body))
+            except RbdPluginError as exc:
+                log.info("control: %s of %r failed: %s", name, body.get("Name"), exc)
+                code = 400 if isinstance(exc, InvalidRequest) else 500
+                return _json({"Err": str(exc)}, code)
+
+        return answer
 
     app = web.Application()
     app.router.add_get("/status", handler)
-    if resize is not None:
-        app.router.add_post("/volumes/resize", resizer)
+    for name, action in (actions or {}).items():
+        app.router.add_post(f"/volumes/{name}", answering(name, action))
     return app

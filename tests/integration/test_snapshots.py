@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,71 @@ def test_a_tenant_may_have_clones_flattened_in_the_background(
     assert digest(clone_path / "data") == before
     unmount(c, clone, "c")
     assert c.remove(clone) == {"Err": ""}
+
+
+def rbdplugin(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "rbdplugin", *args],
+                          capture_output=True, text=True, timeout=90, check=False)  # fmt: skip
+    print(f"$ rbdplugin {' '.join(args[:3])} ...  -> {done.returncode}\n{done.stdout}{done.stderr}")
+    return done
+
+
+def test_grow_under_write_snapshot_and_restore_into_a_clone_beside_it(
+    daemon: DaemonProcess, admin: Admin
+) -> None:
+    """The issue's session: grow while a process writes, snapshot, restore the snapshot
+    into a new volume, both mounted on this host, the same bytes."""
+    c = daemon.client(POOL)
+    app, restored = unique("app"), unique("restored")
+    cli = ("--config", str(daemon.config), "--driver", POOL)
+    assert c.create(app, {"size": "300M", "fstype": "xfs"}) == {"Err": ""}
+    app_path = mount(c, app, "a")
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(app_path / "log")])
+    try:
+        time.sleep(1)
+        size_before = os.statvfs(app_path).f_blocks * os.statvfs(app_path).f_frsize
+        grown = rbdplugin("volume", "resize", app, "600M", *cli)
+        assert grown.returncode == 0, grown.stderr
+        stat = os.statvfs(app_path)  # the same mount, bigger: no unmount happened
+        assert stat.f_blocks * stat.f_frsize > size_before + 250 * 2**20
+        time.sleep(1)
+    finally:
+        writer.terminate()
+        assert writer.wait(timeout=30) == 0  # it wrote on through the grow
+    written = digest(app_path / "log")
+    taken = rbdplugin("snapshot", "create", f"{app}@v1", *cli)
+    assert taken.returncode == 0 and "frozen" in taken.stdout, taken
+    write_file(app_path / "after-v1")
+    listed = rbdplugin("snapshot", "ls", app, *cli)
+    assert listed.returncode == 0 and listed.stdout.split() == ["v1"]
+
+    assert c.create(restored, {"from-snapshot": f"{app}@v1"}) == {"Err": ""}
+    restored_path = mount(c, restored, "r")
+    try:
+        assert oracle.is_mounted(app_path) and oracle.is_mounted(restored_path)
+        assert digest(restored_path / "log") == written  # the same bytes as at the snapshot
+        assert not (restored_path / "after-v1").exists()
+        assert uuid_of(restored_path) != uuid_of(app_path)
+        assert os.statvfs(restored_path).f_blocks == os.statvfs(app_path).f_blocks
+    finally:
+        unmount(c, restored, "r")
+        unmount(c, app, "a")
+    busy = rbdplugin("snapshot", "rm", f"{app}@v1", *cli)
+    assert busy.returncode == 1 and restored in busy.stderr  # a clone reads from it
+    assert c.remove(restored) == {"Err": ""}
+    assert rbdplugin("snapshot", "rm", f"{app}@v1", *cli).returncode == 0
+    assert c.remove(app) == {"Err": ""}
+    assert {app, restored}.isdisjoint(admin.images(POOL))
+
+
+# Appends 64 KiB records, each fsynced, until stopped; exits 0 on SIGTERM.
+WRITER = """
+import os, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+n = 0
+while True:
+    os.write(fd, n.to_bytes(8, "little") * 8192)
+    os.fsync(fd)
+    n += 1
+"""
