@@ -9,6 +9,8 @@ its state (Get), or what it left in Ceph and on the host."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -266,6 +268,43 @@ def test_12_two_hosts_one_writer(stack: Stack, stack_b: Stack) -> None:
         return run.returncode == 0
 
     wait_until(b_can_mount, 30, "host B mounting after host A's container left")
+
+
+def test_13_owner_grow_and_clone_as_a_container_sees_them(stack: Stack) -> None:
+    """Issue 15 through Docker: a volume owned by a non-root container user, grown under a
+    running container (its df shows it), and cloned into a new volume with the data."""
+    driver = stack.drivers["alpha"]
+    owned, copy, grown = unique("j13own"), unique("j13copy"), unique("j13grow")
+    stack.docker("volume", "create", "-d", driver, "--opt", "size=256M", "--opt", "uid=1000",
+                 "--opt", "gid=1000", "--opt", "mode=0750", owned)  # fmt: skip
+    mine = stack.docker(*RUN, "--user", "1000:1000", "-v", f"{owned}:/data", IMAGE, "sh", "-c",
+                        "echo mine > /data/f && sync -f /data/f && ls -lnd /data")  # fmt: skip
+    assert mine.stdout.split()[:4] == ["drwxr-x---", mine.stdout.split()[1], "1000", "1000"]
+    other = stack.docker(*RUN, "--user", "2000:2000", "-v", f"{owned}:/data", IMAGE, "sh", "-c",
+                         "echo theirs > /data/g", check=False)  # fmt: skip
+    assert other.returncode != 0 and "Permission denied" in other.stderr, other
+
+    stack.docker("volume", "create", "-d", driver, "--opt", f"clone-of={owned}", copy)
+    read = stack.docker(*RUN, "--user", "1000:1000", "-v", f"{copy}:/data", IMAGE,
+                        "cat", "/data/f")  # fmt: skip
+    assert read.stdout.strip() == "mine"
+
+    stack.docker("volume", "create", "-d", driver, "--opt", "size=300M", "--opt", "fstype=xfs",
+                 grown)  # fmt: skip
+    container = _long_running(stack, grown, driver)
+    before = int(stack.docker("exec", container, "df", "-k", "/data").stdout.split()[-5])
+    resized = subprocess.run(
+        [sys.executable, "-m", "rbdplugin", "volume", "resize", grown, "600M", "--config",
+         str(stack.daemon.config), "--driver", "alpha"],
+        capture_output=True, text=True, timeout=90, check=False,
+    )  # fmt: skip
+    assert resized.returncode == 0, resized.stderr
+    after = int(stack.docker("exec", container, "df", "-k", "/data").stdout.split()[-5])
+    assert after > before + 250 * 1024, (before, after)  # the running container sees it
+    assert _still_writes(stack, container)
+    stack.docker("rm", "-f", container)
+    for name in (copy, owned, grown):
+        stack.docker("volume", "rm", name)
 
 
 def test_journeys_leave_no_container_mounts(stack: Stack, stack_b: Stack) -> None:
