@@ -12,8 +12,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tests import oracle
-from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
 
 POOL = "beta"
 EXT4_SUPERBLOCK = 1024
@@ -33,8 +35,8 @@ def needs_recovery(admin: Admin, image: str) -> bool:
     return bool(struct.unpack("<I", raw)[0] & EXT4_RECOVER)
 
 
+@pytest.mark.fuse_only  # it kills the FUSE export under the writer
 def test_fsck_auto_checks_a_filesystem_left_unclean(daemon: DaemonProcess, admin: Admin) -> None:
-    assert TEST_MAPPER == "fuse", "kills the FUSE export process; not run with other mappers"
     c = daemon.client(POOL)
     name = unique("fsck")
     assert c.create(name, {"size": "64M", "fsck": "auto"}) == {"Err": ""}
