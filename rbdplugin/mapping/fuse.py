@@ -199,7 +199,7 @@ class FuseMapper:
         if not export:
             return
         for device in self._loops_of(export):
-            await self._detach(device)
+            await self._detach(device, export)
         crash_point("unmap.after-loop-detach")
         for pid in self._export_pids(export):
             if not await stop_pid_async(pid, timeout=self.timeout / 2):
@@ -215,7 +215,7 @@ class FuseMapper:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    async def _detach(self, device: str) -> None:
+    async def _detach(self, device: str, export: str) -> None:
         done = await self.runner(
             Command(["losetup", "--detach", device], timeout=self.timeout, check=False)
         )
@@ -223,10 +223,13 @@ class FuseMapper:
             raise ProcessError(
                 f"losetup --detach {device} failed: {done.output}", output=done.output
             )
-        # Detach completes asynchronously; the export cannot be stopped while the loop holds it.
+        # Detach completes asynchronously; the export cannot be stopped while the loop
+        # holds it. Done once the device no longer shows this export: a Mount running
+        # beside may take the freed number for its own export at once, and would hold it
+        # for as long as it stays mounted.
         backing = self.host.sys / "block" / device.removeprefix("/dev/") / "loop" / "backing_file"
         deadline = time.monotonic() + self.timeout
-        while backing.exists():
+        while read(backing).removesuffix(DELETED) == export:
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(
                     f"{device} was still attached {self.timeout:.0f} s after losetup --detach"

@@ -6,7 +6,10 @@ tested for real in tests/integration/test_mount.py."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -436,3 +439,30 @@ def test_krbd_map_returns_the_device_it_made_not_another_clients(tmp_path: Path)
     runner = FakeRunner((0, "/dev/rbd1\n", ""), on_call=kernel_maps)
     mapped = asyncio.run(KrbdMapper(runner, host, 10).map(IMAGE, read_only=True))
     assert mapped.device == "/dev/rbd1" and mapped.details == {"id": 1}
+
+
+def test_fuse_unmap_is_done_once_its_loop_device_shows_another_file(tmp_path: Path) -> None:
+    # losetup --detach returns before the kernel lets the loop device go; once it has, a
+    # Mount running beside may attach its own export to the same, now free, number at
+    # once. That device is someone else's: our detach is over, not still under way.
+    export = str(tmp_path / "exports" / "tenant" / "-" / "vol1")
+    backing = "sys/block/loop5/loop/backing_file"
+    host = write(tmp_path, {backing: export + "\n", "proc/self/mountinfo": ""})
+
+    def detached_and_reused(command: Command) -> None:
+        if command.argv[:2] == ["losetup", "--detach"]:
+            (tmp_path / backing).write_text(str(tmp_path / "exports" / "tenant" / "-" / "vol2"))
+
+    runner = FakeRunner(on_call=detached_and_reused)
+    mapper = FuseMapper(runner, host, tmp_path / "exports", timeout=2)
+    mapped = MappedDevice("fuse", "tenant/vol1", "/dev/loop5", {"pid": 0, "export": export})
+    started = asyncio.run(_timed(mapper.unmap(mapped)))
+    assert started < 1, f"unmap waited {started:.1f} s for a loop device that is not ours any more"
+    assert runner.calls == [["losetup", "--detach", "/dev/loop5"]]
+    assert loop_backing_files(host) == {"/dev/loop5": str(tmp_path / "exports/tenant/-/vol2")}
+
+
+async def _timed(work: Coroutine[Any, Any, None]) -> float:
+    started = time.monotonic()
+    await work
+    return time.monotonic() - started
