@@ -171,7 +171,7 @@ class Attacher:
                 "that ends. See `rbdplugin status` and the daemon's log for the stage it waits on"
             )
 
-    def add_reference(self, volume: str, mount_id: str) -> str | None:
+    async def add_reference(self, volume: str, mount_id: str) -> str | None:
         """Count one more Mount of a volume mounted here; None if it is not mounted."""
         self.refuse_while_cleaning(volume)
         record = self.mounted(volume)
@@ -186,7 +186,7 @@ class Attacher:
         counts = dict(record.counts)
         record.counts[mount_id] = record.counts.get(mount_id, 0) + 1
         try:
-            self.table.save(record)
+            await self.table.save(record)
         except StateUnwritable:
             record.counts = counts  # as the table on disk still says
             raise
@@ -204,7 +204,7 @@ class Attacher:
             mountpoint=str(self.mountpoint(info.name)),
             mode="ro" if info.spec.access == "ro" else "rw",
         )  # fmt: skip
-        self.table.save(record)
+        await self.table.save(record)
         crash_point("mount.after-record")
         try:
             await self._attach(info, record, mount_id)
@@ -232,7 +232,7 @@ class Attacher:
         try:
             record.device = await self._expose(info, record.locator, read_only)
             record.phase = "mapped"
-            self.table.save(record)
+            await self.table.save(record)
             crash_point("mount.after-mapped-saved")
             proven = await blank
         finally:
@@ -250,7 +250,7 @@ class Attacher:
         record.phase = "mounted"
         record.since = _now()
         record.counts = {mount_id: 1}
-        self.table.save(record)
+        await self.table.save(record)
         crash_point("mount.after-mounted-saved")
         log.info("volume %s: mounted %s at %s (%s)", info.name, record.device.path,
                  record.mountpoint, record.device.via)  # fmt: skip
@@ -511,7 +511,7 @@ class Attacher:
         if not record.counts:
             record.phase = "unmounting"
         try:
-            self.table.save(record)
+            await self.table.save(record)
         except StateUnwritable:
             record.counts, record.phase = counts, phase  # as the table on disk still says
             raise
@@ -524,7 +524,7 @@ class Attacher:
         except RbdPluginError:
             if self._intact(record):
                 record.phase = "mounted"  # still mounted, unreferenced: a later Mount reuses it
-                self.table.save(record)
+                await self.table.save(record)
             raise
         log.info("volume %s: unmounted and unmapped", volume)
 
@@ -612,7 +612,7 @@ class Attacher:
         if not shared:  # only our own claim: after a takeover the claim is someone else's
             with self.metrics.stage("release"):
                 await self.attachment.release(record.locator)
-        self.table.drop(record.volume)
+        await self.table.drop(record.volume)
         crash_point("unmount.after-record-drop")
 
     async def _detach_unrecorded(self, locator: Locator) -> None:
@@ -648,7 +648,7 @@ class Attacher:
             return
         holder = await self.attachment.claimant(record.locator)
         record.lost = f"{holder} at {_now()}"
-        self.table.save(record)
+        await self.table.save(record)
         self.metrics.leases_lost.labels(self.tenant.name).inc()
         log.error(
             "volume %s: LOST: this host's lease is gone (now held by %s); our access to the image "
@@ -664,7 +664,7 @@ class Attacher:
         if reason is None:
             return
         record.broken = f"{reason} (noticed {_now()})"
-        self.table.save(record)
+        await self.table.save(record)
         log.error(
             "volume %s: BROKEN: %s; I/O on %s fails. Stop the containers using it; the last "
             "Unmount cleans up, and the next Mount maps it afresh",

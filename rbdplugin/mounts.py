@@ -14,6 +14,8 @@ back-ends had them are brought up to date by the back-end's ``upgrade_record``.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from typing import Any, Literal
 
 from rbdplugin.backends import Device, Locator
 from rbdplugin.errors import StateUnwritable
-from rbdplugin.state import read_json, write_json
+from rbdplugin.state import read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,16 @@ class MountRecord:
 
 
 class MountTable:
-    """Volume name -> :class:`MountRecord`, saved to ``path`` on every change."""
+    """Volume name -> :class:`MountRecord`, saved to ``path`` on every change (awaited:
+    a caller goes on once the change is on disk; the loop meanwhile serves others)."""
 
     def __init__(self, path: Path, upgrade: Upgrade = lambda entry: entry) -> None:
         self.path = path
         raw = read_json(path, {})
         self._records: dict[str, MountRecord] = {}
+        self._changes = 0  # changes made in memory, counted
+        # The write under way, and how many changes it holds.
+        self._writing: tuple[asyncio.Future[None], int] | None = None
         aside = path.with_name(path.name + ".bad")
         if not isinstance(raw, dict):
             log.error("%s is not a table of mounts; ignoring it (kept in %s)", path, aside)
@@ -107,30 +113,63 @@ class MountTable:
     def all(self) -> list[MountRecord]:
         return list(self._records.values())
 
-    def save(self, record: MountRecord) -> None:
-        """Record ``record``; if the file cannot be written, a new record is forgotten
-        again (the caller undoes its changes to a known one) and StateUnwritable raised."""
+    async def save(self, record: MountRecord) -> None:
+        """Record ``record``; returns once the file says so. If the file cannot be written,
+        a new record is forgotten again (the caller undoes its changes to a known one) and
+        StateUnwritable raised."""
         known = record.volume in self._records
         self._records[record.volume] = record
         try:
-            self._flush()
+            await self._flush()
         except StateUnwritable:
-            if not known:
+            if not known and self._records.get(record.volume) is record:
                 del self._records[record.volume]
             raise
 
-    def drop(self, volume: str) -> None:
+    async def drop(self, volume: str) -> None:
         record = self._records.pop(volume, None)
         if record is not None:
             try:
-                self._flush()
+                await self._flush()
             except StateUnwritable:
-                self._records[volume] = record  # as the file still says
+                self._records.setdefault(volume, record)  # as the file still says
                 raise
 
-    def _flush(self) -> None:
+    async def _flush(self) -> None:
+        """Write the table as it is now, or join a write that will include this change.
+
+        The write and its fsyncs run in a thread: the event loop never waits for the
+        disk (every Mount and Unmount saves a few times). One write at a time, each of
+        the whole table as it was when that write began, so the file only moves forward;
+        changes made while one is under way share the next write.
+        """
+        self._changes += 1
+        wanted = self._changes
+        while True:
+            if self._writing is None or self._writing[0].done():
+                text = self._text()  # on the loop: a consistent snapshot
+                write: asyncio.Future[None] = asyncio.ensure_future(
+                    asyncio.to_thread(self._write, text)
+                )
+                self._writing = (write, self._changes)
+            write, covers = self._writing
+            try:
+                await asyncio.shield(write)  # a caller that goes away leaves it to finish
+            except StateUnwritable:
+                if covers >= wanted:
+                    raise
+                continue  # a write begun before this change failed: try with it
+            if covers >= wanted:
+                return
+
+    def _text(self) -> str:
+        return json.dumps(
+            {name: rec.to_json() for name, rec in self._records.items()}, indent=1, sort_keys=True
+        )
+
+    def _write(self, text: str) -> None:
         try:
-            write_json(self.path, {name: rec.to_json() for name, rec in self._records.items()})
+            write_text(self.path, text)
         except OSError as exc:
             raise StateUnwritable(
                 f"cannot record the mount table in {self.path}: {exc.strerror or exc}; nothing "

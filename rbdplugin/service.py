@@ -478,7 +478,7 @@ class VolumeService:
             trouble = self._trouble.get(name)
             if trouble:
                 raise CorruptLease(f"volume {name!r}: {trouble}")
-            mountpoint = self.attacher.add_reference(name, mount_id)
+            mountpoint = await self.attacher.add_reference(name, mount_id)
             if mountpoint is None:
                 info = await self._inspect_for_mount(name)
                 try:

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from pathlib import Path
 from typing import cast
+
+import pytest
+from pytest import MonkeyPatch
 
 from rbdplugin.backends import VolumeInfo
 from rbdplugin.backends.rbd_attach import RbdAttachment, upgrade_record
 from rbdplugin.config import TenantConfig
+from rbdplugin.errors import StateUnwritable
 from rbdplugin.lease import Leases
 from rbdplugin.mapping import ImageRef, MappedDevice
-from rbdplugin.mounts import MountTable
+from rbdplugin.mounts import MountRecord, MountTable
 from rbdplugin.spec import VolumeSpec
 
 # Byte for byte what the table wrote before locators (write_json: indent 1, keys sorted):
@@ -183,7 +189,7 @@ def test_an_upgraded_table_is_saved_in_the_new_format(tmp_path: Path) -> None:
     web = table.get("web")
     assert web is not None
     web.counts["c4"] = 1
-    table.save(web)
+    asyncio.run(table.save(web))
     saved = json.loads(path.read_text())
     assert all("pool" not in entry and "mapped" not in entry for entry in saved.values())
     assert saved["web"]["locator"] == {"pool": "alpha", "namespace": "", "image": "web"}
@@ -198,3 +204,62 @@ def test_a_bad_old_entry_is_set_aside(tmp_path: Path) -> None:
     table = MountTable(path, upgrade=upgrade_record)
     assert table.all() == []
     assert set(json.loads((tmp_path / "mounts.json.bad").read_text())) == {"junk", "odd"}
+
+
+def _record(name: str) -> MountRecord:
+    return MountRecord(name, {"pool": "alpha", "namespace": "", "image": name}, f"/m/{name}")
+
+
+def test_saves_wait_for_the_disk_off_the_event_loop(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    # Each fsync takes 0.2 s (a busy disk): the loop keeps serving meanwhile, every save
+    # returns only once its change is in the file, and saves made while one write is
+    # under way share the next write instead of queueing one fsync each.
+    real_fsync, fsyncs = os.fsync, []
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.2)
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    path = tmp_path / "mounts.json"
+    table = MountTable(path)
+
+    async def scenario() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.ensure_future(ticker())
+        names = [f"v{i}" for i in range(6)]
+        await asyncio.gather(*(_saved(table, path, _record(name)) for name in names))
+        ticking.cancel()
+        return ticks
+
+    ticks = asyncio.run(scenario())
+    assert ticks >= 20, f"the event loop stood still while the table was written ({ticks} ticks)"
+    assert sorted(json.loads(path.read_text())) == [f"v{i}" for i in range(6)]
+    assert len(fsyncs) <= 2 * 2  # two writes (file and directory each): the first, then the rest
+
+
+async def _saved(table: MountTable, path: Path, record: MountRecord) -> None:
+    await table.save(record)
+    assert record.volume in json.loads(path.read_text())  # on disk when save returns
+
+
+def test_a_save_that_cannot_be_written_is_forgotten(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "mounts.json"
+    table = MountTable(path)
+    asyncio.run(table.save(_record("kept")))
+    path.unlink()  # root ignores modes: the directory becomes a file instead
+    path.parent.rmdir()
+    path.parent.write_text("not a directory")
+    with pytest.raises(StateUnwritable, match="cannot record the mount table"):
+        asyncio.run(table.save(_record("new")))
+    assert [r.volume for r in table.all()] == ["kept"]
