@@ -134,6 +134,15 @@ class FuseMapper:
             if backing.removesuffix(DELETED) == export
         ]
 
+    def _recorded_loop(self, mapped: MappedDevice, export: str) -> list[str]:
+        """The recorded loop device, if it still shows ``export``: every Unmount would
+        otherwise read the backing file of every loop device on the host (hundreds).
+        A mapping has one loop device; only one cut short before it was recorded (its
+        device is "") or already detached by an earlier try is looked for by a scan."""
+        name = mapped.device.removeprefix("/dev/")
+        backing = read(self.host.sys / "block" / name / "loop" / "backing_file") if name else ""
+        return [mapped.device] if backing.removesuffix(DELETED) == export else []
+
     async def find(self, image: ImageRef) -> MappedDevice | None:
         export = self.export_path(image)
         if not os.path.lexists(export):
@@ -198,7 +207,7 @@ class FuseMapper:
         export = str(mapped.details.get("export", ""))
         if not export:
             return
-        for device in self._loops_of(export):
+        for device in self._recorded_loop(mapped, export) or self._loops_of(export):
             await self._detach(device, export)
         crash_point("unmap.after-loop-detach")
         for pid in self._export_pids(export):

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from rbdplugin.errors import PermissionDenied, ProcessError, VolumeBusy
-from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable
+from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, MapperUnavailable, fuse
 from rbdplugin.mapping.fuse import FuseMapper
 from rbdplugin.mapping.krbd import KrbdMapper
 from rbdplugin.mapping.nbd import NbdMapper
@@ -466,3 +466,33 @@ async def _timed(work: Coroutine[Any, Any, None]) -> float:
     started = time.monotonic()
     await work
     return time.monotonic() - started
+
+
+def test_fuse_unmap_reads_only_its_recorded_loop_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hundreds of loop devices on a host: an Unmount reads the one it recorded, and scans
+    # them all only for a mapping whose device went unrecorded (cut short by a crash).
+    export = str(tmp_path / "vol1")
+    files = {f"sys/block/loop{n}/loop/backing_file": f"/other/{n}\n" for n in range(8)}
+    files["sys/block/loop5/loop/backing_file"] = export + "\n"
+    host = write(tmp_path, {**files, "proc/self/mountinfo": ""})
+    scans: list[HostPaths] = []
+
+    def counted(scanned: HostPaths) -> dict[str, str]:
+        scans.append(scanned)
+        return loop_backing_files(scanned)
+
+    monkeypatch.setattr(fuse, "loop_backing_files", counted)
+
+    def detached(command: Command) -> None:
+        (tmp_path / "sys/block/loop5/loop/backing_file").unlink()
+
+    for device, expected_scans in (("/dev/loop5", 0), ("", 1)):
+        (tmp_path / "sys/block/loop5/loop/backing_file").write_text(export + "\n")
+        scans.clear()
+        runner = FakeRunner(on_call=detached)
+        mapped = MappedDevice("fuse", "tenant/vol1", device, {"pid": 0, "export": export})
+        asyncio.run(FuseMapper(runner, host, tmp_path, timeout=2).unmap(mapped))
+        assert runner.calls == [["losetup", "--detach", "/dev/loop5"]]
+        assert len(scans) == expected_scans
