@@ -81,7 +81,8 @@ OPTIONS: dict[str, str] = {
     "gid": "group of the filesystem's root at first format, a number 0-4294967294",
     "mode": "permissions of the filesystem's root at first format, octal 0000-7777, e.g. 0750",
 }
-# Options of a Cinder-mode tenant's Create: no pools, features or companions there.
+# Options of a Cinder-mode tenant's Create: no pools, features or companions there;
+# clones are Cinder volumes made from Cinder snapshots.
 CINDER_OPTIONS: dict[str, str] = {
     "size": "size with a binary unit, e.g. 20G (Cinder rounds up to whole GiB)",
     "fstype": "|".join(FSTYPES),
@@ -89,6 +90,8 @@ CINDER_OPTIONS: dict[str, str] = {
     "mount-options": OPTIONS["mount-options"],
     "volume-type": "a Cinder volume type (default: Cinder's default type)",
     "availability-zone": "a Cinder availability zone (default: Cinder's default zone)",
+    "clone-of": "an existing volume: a new Cinder volume from a Cinder snapshot of it taken now",
+    "from-snapshot": "VOLUME@SNAPSHOT: a new Cinder volume from that Cinder snapshot",
 }
 ACCESS = ("rw", "ro")
 

@@ -17,6 +17,7 @@ deadline; each HTTP request inside it has its own timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -40,24 +41,20 @@ from rbdplugin.errors import (
     VolumeBusy,
     VolumeFailed,
 )
-from rbdplugin.openstack.client import CloudSettings, OpenStackClient, Volume, connect
+from rbdplugin.openstack.client import CloudSettings, OpenStackClient, Snapshot, Volume, connect
 from rbdplugin.openstack.server_id import Places, discover
-from rbdplugin.spec import CreateRequest, VolumeSpec, is_volume_name
+from rbdplugin.spec import CreateRequest, VolumeSpec, clone_snapshot_prefix, is_volume_name
 from rbdplugin.units import GiB, format_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 META = "rbdplugin."
-TENANT, VOLUME = f"{META}tenant", f"{META}volume"
+TENANT, VOLUME, SNAPSHOT = f"{META}tenant", f"{META}volume", f"{META}snapshot"
 KEPT_MARK = "~removed-"  # Docker names cannot hold "~": a kept volume leaves List
 SERIAL_CHARS = 20  # virtio-blk serials are cut to 20 bytes
 BY_ID = "/dev/disk/by-id"
 AVAILABLE = frozenset({"available"})
-_NO_SNAPSHOTS = (
-    "Cinder-mode volumes take their snapshots in Cinder: openstack volume snapshot create "
-    "--volume VOLUME SNAPSHOT (rbdplugin snapshots are for RBD tenants)"
-)
 
 
 def disk_links(volume_id: str) -> list[str]:
@@ -155,7 +152,9 @@ class CinderBackend:
         existing = await self._find(name)
         if existing is not None and existing.status != "creating":
             raise Conflict(f"volume {name!r} already exists (Cinder volume {existing.id})")
-        if existing is None:
+        if existing is None and spec.origin:
+            existing = await self._create_clone(request, host_id)
+        elif existing is None:
             existing = await self._call(
                 f"creating volume {name!r}", self.op_timeout, self._create, name, spec, host_id
             )
@@ -180,6 +179,89 @@ class CinderBackend:
             volume_type=spec.volume_type or None,
             availability_zone=spec.availability_zone or None,
         )
+
+    async def _create_clone(self, request: CreateRequest, host_id: str) -> Volume:
+        """A new Cinder volume from the snapshot ``origin`` names (from-snapshot, or the
+        one a clone-of Create just took): it carries its origin's filesystem, whose UUID
+        its first Mount renews, and is never formatted."""
+        name, spec = request.name, request.spec
+        volume, _, snapshot = spec.origin.partition("@")
+        origin = await self._find(volume)
+        if origin is None:
+            raise NotFound(f"volume {name!r}: its origin volume {volume!r} does not exist")
+        taken = await self._snapshot_of(volume, origin.id, snapshot, f"volume {name!r}: ")
+        meta = origin.metadata
+        fstype = meta.get(f"{META}fstype", "")
+        if not fstype:
+            raise InvalidArgument(
+                f"volume {name!r}: {volume!r} was made outside rbdplugin and has no recorded "
+                f"fstype; adopt it first (docker volume create -d DRIVER --opt fstype=... {volume})"
+            )
+        if "fstype" in request.explicit and spec.fstype != fstype:
+            raise InvalidArgument(
+                f"volume {name!r}: a clone carries its origin's filesystem ({fstype}), "
+                f"not {spec.fstype}; drop the fstype option"
+            )
+        size_gib = taken.size_gib
+        if "size" in request.explicit:
+            asked = max(1, math.ceil(spec.size / GiB))
+            if asked < taken.size_gib:
+                raise InvalidArgument(
+                    f"volume {name!r}: size {format_size(spec.size)} is smaller than snapshot "
+                    f"{spec.origin} ({taken.size_gib} GiB); a clone is at least as large"
+                )
+            size_gib = asked
+        metadata = {
+            **self._mine(name),
+            f"{META}fstype": fstype,
+            f"{META}mkfs_options": meta.get(f"{META}mkfs_options", ""),
+            f"{META}mount_options": ",".join(spec.mount_options)
+            if "mount-options" in request.explicit
+            else meta.get(f"{META}mount_options", ""),
+            f"{META}requested_size": str(spec.size) if "size" in request.explicit else "",
+            f"{META}created_by": host_id,
+            f"{META}created_at": _now(),
+            f"{META}clone_of": spec.origin,
+            f"{META}renew_uuid": "1",
+        }
+        return await self._call(
+            f"creating volume {name!r} from snapshot {spec.origin}",
+            self.op_timeout,
+            lambda: self.client.create_volume(
+                size_gib,
+                name,
+                metadata={k: v for k, v in metadata.items() if v},
+                # Cinder takes a snapshot's type and zone unless told: only what was asked.
+                volume_type=spec.volume_type if "volume-type" in request.explicit else None,
+                availability_zone=spec.availability_zone
+                if "availability-zone" in request.explicit
+                else None,
+                snapshot_id=taken.id,
+            ),
+        )
+
+    def _snapshot_tags(self, name: str, snapshot: str) -> dict[str, str]:
+        return {**self._mine(name), SNAPSHOT: snapshot}
+
+    async def _snapshots(self, name: str, volume_id: str | None = None) -> list[Snapshot]:
+        """Volume ``name``'s snapshots (ours: tagged with its name), oldest first."""
+        return await self._call(
+            f"listing the snapshots of volume {name!r}",
+            self.op_timeout,
+            self.client.list_snapshots,
+            self._mine(name),
+            volume_id,
+        )
+
+    async def _snapshot_of(
+        self, name: str, volume_id: str, snapshot: str, prefix: str = ""
+    ) -> Snapshot:
+        found = await self._snapshots(name, volume_id)
+        named = [s for s in found if s.metadata.get(SNAPSHOT) == snapshot]
+        if not named:
+            have = ", ".join(s.metadata.get(SNAPSHOT, s.id) for s in found) or "none"
+            raise NotFound(f"{prefix}volume {name!r} has no snapshot {snapshot!r}; it has: {have}")
+        return named[0]
 
     async def _await_available(self, name: str, volume_id: str) -> None:
         seconds = self.settings.attach_timeout
@@ -234,9 +316,16 @@ class CinderBackend:
         )
 
     async def inspect(self, name: str, *, watchers: bool = True) -> VolumeInfo:
-        return self._info(name, await self._volume(name))
+        if not watchers:  # an operation's look-up: the volume alone
+            return self._info(name, await self._volume(name))
+        # Get: the snapshots are listed beside the volume (by their tags), in parallel:
+        # one more request, no more waiting.
+        volume, snapshots = await asyncio.gather(self._volume(name), self._snapshots(name))
+        return self._info(name, volume, [s for s in snapshots if s.volume_id == volume.id])
 
-    def _info(self, name: str, volume: Volume) -> VolumeInfo:
+    def _info(
+        self, name: str, volume: Volume, snapshots: list[Snapshot] | None = None
+    ) -> VolumeInfo:
         meta = volume.metadata
         spec = VolumeSpec(
             size=volume.size_gib * GiB,
@@ -247,6 +336,7 @@ class CinderBackend:
             mount_options=tuple(o for o in meta.get(f"{META}mount_options", "").split(",") if o),
             volume_type=volume.volume_type or "",
             availability_zone=volume.availability_zone or "",
+            origin=meta.get(f"{META}clone_of", ""),
         )
         formatted = meta.get(f"{META}formatted", "")
         return VolumeInfo(
@@ -260,6 +350,11 @@ class CinderBackend:
             unformat_hint=f"openstack volume unset --property {META}formatted {volume.id}",
             watchers=tuple(f"server {s}" for s in volume.servers),
             notes=_size_note(meta.get(f"{META}requested_size", ""), volume.size_gib),
+            snapshots=tuple(s.metadata.get(SNAPSHOT, s.id) for s in snapshots or ()),
+            renew_uuid=meta.get(f"{META}renew_uuid") == "1" and f"{META}uuid_renewed" not in meta,
+            # Whether Cinder's clone still reads from the snapshot is Cinder's (its driver's)
+            # business: never flattened by rbdplugin.
+            linked=False,
         )
 
     async def removed_hint(self, name: str) -> str:
@@ -284,9 +379,41 @@ class CinderBackend:
         return [v.metadata[VOLUME] for v in volumes if is_volume_name(v.metadata.get(VOLUME, ""))]
 
     async def resize(self, name: str, size: int) -> None:
-        raise InvalidArgument(
-            f"volume {name!r}: resizing Cinder volumes is not supported by rbdplugin yet; "
-            "extend it in OpenStack (openstack volume set --size) while it is detached"
+        """Grow a detached volume with Cinder's os-extend (whole GiB); its filesystem
+        grows at its next Mount. An attached one is refused: growing a volume in use
+        needs Nova's part (Cinder microversion 3.42 and Nova's volume-extended event)."""
+        volume = await self._volume(name)
+        if volume.servers:
+            raise VolumeBusy(
+                f"volume {name!r} (Cinder volume {volume.id}) is attached to server "
+                f"{', '.join(volume.servers)}; Cinder-mode volumes grow only while detached: "
+                "unmount it (stop the containers using it), then resize; its filesystem grows "
+                "at its next Mount"
+            )
+        size_gib = math.ceil(size / GiB)
+        if size_gib <= volume.size_gib:
+            return
+        seconds = self.op_timeout
+        try:
+            await self._call(
+                f"resizing volume {name!r}", seconds, self.client.extend_volume, volume.id, size_gib
+            )
+            await self._call(
+                f"resizing volume {name!r}",
+                seconds + 5,
+                self.client.wait_for_volume,
+                volume.id,
+                AVAILABLE,
+                seconds,
+            )
+        except RbdPluginError as exc:
+            raise type(exc)(f"volume {name!r}: growing it to {size_gib} GiB: {exc}") from exc
+        await self._call(
+            f"resizing volume {name!r}",
+            self.op_timeout,
+            self.client.set_metadata,
+            volume.id,
+            {f"{META}requested_size": str(size)},
         )
 
     async def usage(self) -> Usage:
@@ -316,9 +443,18 @@ class CinderBackend:
             )
             outcome: RemoveOutcome = "kept"
         else:
-            await self._call(
-                f"removing volume {name!r}", self.op_timeout, self.client.delete_volume, volume.id
-            )
+            try:
+                await self._call(f"removing volume {name!r}", self.op_timeout,
+                                 self.client.delete_volume, volume.id)  # fmt: skip
+            except VolumeBusy as exc:
+                snapshots = await self._snapshots(name, volume.id)
+                if not snapshots:
+                    raise
+                shown = ", ".join(s.metadata.get(SNAPSHOT, s.id) for s in snapshots)
+                raise VolumeBusy(
+                    f"volume {name!r} has snapshots in Cinder: {shown}; remove them first "
+                    f"(rbdplugin snapshot rm {name}@SNAPSHOT) ({exc})"
+                ) from exc
             await self._call(
                 f"removing volume {name!r}",
                 self.settings.detach_timeout + 5,
@@ -327,26 +463,113 @@ class CinderBackend:
                 self.settings.detach_timeout,
             )
             outcome = "deleted"
+            await self._drop_clone_snapshot(name, volume.metadata.get(f"{META}clone_of", ""))
         return outcome
+
+    async def _drop_clone_snapshot(self, name: str, origin: str) -> None:
+        """The snapshot a clone-of Create took for ``name``, now that its clone is gone."""
+        volume, _, snapshot = origin.partition("@")
+        if not snapshot.startswith(clone_snapshot_prefix(name)):
+            return  # a user's snapshot (from-snapshot): theirs to remove
+        try:
+            await self.remove_snapshot(volume, snapshot)
+        except RbdPluginError as exc:  # its origin is gone, or other volumes came from it
+            log.info("volume %s: kept snapshot %s of its origin: %s", name, origin, exc)
 
     async def _mark(self, name: str, key: str) -> str:
         """Set our metadata mark ``key`` to now; the volume's id."""
         volume = await self._volume(name)
-        await self._call(f"updating volume {name!r}", self.op_timeout,
-                         self.client.set_metadata, volume.id, {f"{META}{key}": _now()})  # fmt: skip
+        await self._call(
+            f"updating volume {name!r}",
+            self.op_timeout,
+            self.client.set_metadata,
+            volume.id,
+            {f"{META}{key}": _now()},
+        )
         return volume.id
 
     async def snapshot(self, name: str, snapshot: str) -> None:
-        raise InvalidRequest(_NO_SNAPSHOTS)
+        """A Cinder snapshot (forced: also of an attached volume), tagged with the volume's
+        and the snapshot's names; returns once Cinder says it is available."""
+        volume = await self._volume(name)
+        found = await self._snapshots(name, volume.id)
+        taken = [s for s in found if s.metadata.get(SNAPSHOT) == snapshot]
+        if taken:
+            raise Conflict(
+                f"volume {name!r} already has a snapshot {snapshot!r} (Cinder snapshot "
+                f"{taken[0].id}); pick another name, or remove it first"
+            )
+        what = f"taking snapshot {name}@{snapshot}"
+        made = await self._call(
+            what,
+            self.op_timeout,
+            self.client.create_snapshot,
+            volume.id,
+            f"{name}@{snapshot}",
+            self._snapshot_tags(name, snapshot),
+        )
+        try:
+            await self._call(
+                what, self.op_timeout, self.client.wait_for_snapshot, made.id, self.op_timeout - 1
+            )
+        except VolumeFailed as exc:
+            with contextlib.suppress(RbdPluginError):  # no snapshot in error left behind
+                await self._call(
+                    f"deleting failed snapshot {name}@{snapshot}",
+                    self.op_timeout,
+                    self.client.delete_snapshot,
+                    made.id,
+                    self.op_timeout - 1,
+                )
+            raise VolumeFailed(
+                f"volume {name!r}: snapshot {snapshot!r} failed: {exc}",
+                volume_id=volume.id,
+                status=exc.status,
+            ) from exc
 
     async def remove_snapshot(self, name: str, snapshot: str) -> None:
-        raise InvalidRequest(_NO_SNAPSHOTS)
+        volume = await self._volume(name)
+        found = await self._snapshot_of(name, volume.id, snapshot)
+        try:
+            await self._call(
+                f"removing snapshot {name}@{snapshot}",
+                self.op_timeout,
+                self.client.delete_snapshot,
+                found.id,
+                self.op_timeout - 1,
+            )
+        except (VolumeBusy, InvalidArgument, Conflict) as exc:
+            made = await self._made_from(f"{name}@{snapshot}")
+            hint = f"; volumes made from it: {', '.join(made)}; remove those first" if made else ""
+            raise VolumeBusy(
+                f"snapshot {name}@{snapshot} (Cinder snapshot {found.id}) was not "
+                f"removed: {exc}{hint}"
+            ) from exc
+
+    async def _made_from(self, origin: str) -> list[str]:
+        """The tenant's volumes made from snapshot ``origin`` (``VOLUME@SNAPSHOT``)."""
+        try:
+            volumes = await self._call(
+                "listing volumes",
+                self.op_timeout,
+                self.client.list_volumes,
+                {TENANT: self.tenant.name},
+            )
+        except RbdPluginError:
+            return []
+        return sorted(
+            v.metadata.get(VOLUME, v.id)
+            for v in volumes
+            if v.metadata.get(f"{META}clone_of") == origin
+        )
 
     async def flatten(self, name: str, progress: Callable[[float], None]) -> None:
-        raise InvalidRequest("Cinder-mode volumes are never rbdplugin clones")
+        raise InvalidRequest(
+            "Cinder-mode clones are Cinder's volumes: rbdplugin never flattens them"
+        )
 
     async def uuid_renewed(self, name: str) -> None:
-        """Cinder-mode volumes are never clones made by rbdplugin: nothing to record."""
+        await self._mark(name, "uuid_renewed")
 
     async def formatting_started(self, name: str) -> None:
         await self._mark(name, "formatting")
@@ -477,7 +700,7 @@ class CinderBackend:
         return None
 
     async def grow(self, device: Device, size: int) -> None:
-        raise InvalidArgument("resizing Cinder volumes is not supported by rbdplugin yet")
+        raise VolumeBusy("Cinder-mode volumes grow only while detached: unmount it first")
 
     def likely_locator(self, name: str) -> Locator | None:
         return None  # a locator is a Cinder volume id: only a look-up by name tells it

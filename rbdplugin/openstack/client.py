@@ -105,6 +105,33 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class Snapshot:
+    """A Cinder snapshot of a volume."""
+
+    id: str
+    name: str
+    volume_id: str
+    size_gib: int
+    status: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    created_at: str | None = None
+
+
+def snapshot_from(data: Mapping[str, Any]) -> Snapshot:
+    """A :class:`Snapshot` from Cinder's JSON (or an SDK resource's ``to_dict()``)."""
+    metadata = data.get("metadata") or {}
+    return Snapshot(
+        id=str(data["id"]),
+        name=str(data.get("name") or ""),
+        volume_id=str(data.get("volume_id") or ""),
+        size_gib=int(data.get("size") or 0),
+        status=str(data.get("status") or ""),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+        created_at=_str_or_none(data.get("created_at")),
+    )
+
+
+@dataclass(frozen=True)
 class Limits:
     """The project's Cinder usage and quota; ``None`` is unlimited."""
 
@@ -337,8 +364,10 @@ class OpenStackClient:
         metadata: Mapping[str, str],
         volume_type: str | None = None,
         availability_zone: str | None = None,
+        snapshot_id: str | None = None,
     ) -> Volume:
-        """Ask Cinder for a volume; it is ``creating`` (see :meth:`wait_for_volume`)."""
+        """Ask Cinder for a volume, blank or from ``snapshot_id`` (its data, at least its
+        size); it is ``creating`` (see :meth:`wait_for_volume`)."""
         if size_gib < 1:
             raise InvalidArgument(f"volume {name}: size must be at least 1 GiB, not {size_gib}")
         attrs: dict[str, Any] = {"size": size_gib, "name": name, "metadata": dict(metadata)}
@@ -346,7 +375,10 @@ class OpenStackClient:
             attrs["volume_type"] = volume_type
         if availability_zone:
             attrs["availability_zone"] = availability_zone
-        with self.errors.calling(CINDER, f"creating volume {name} ({size_gib} GiB)"):
+        if snapshot_id:
+            attrs["snapshot_id"] = snapshot_id
+        origin = f" from snapshot {snapshot_id}" if snapshot_id else ""
+        with self.errors.calling(CINDER, f"creating volume {name} ({size_gib} GiB){origin}"):
             created = self._cinder().create_volume(**attrs)
             return volume_from(created.to_dict(computed=False))
 
@@ -487,6 +519,106 @@ class OpenStackClient:
             if time.monotonic() + interval > deadline:
                 raise DeadlineExceeded(
                     f"Cinder volume {volume_id} still exists ({volume.status}) "
+                    f"after {timeout:.0f} s"
+                )
+            time.sleep(interval)
+
+    def extend_volume(self, volume_id: str, size_gib: int) -> None:
+        """Ask Cinder to grow a detached volume to ``size_gib`` (os-extend, asynchronous:
+        ``extending``, then ``available``). Plain v3 on purpose: an attached volume is
+        refused (growing it in use needs microversion 3.42 and Nova's part)."""
+        with self.errors.calling(CINDER, f"extending volume {volume_id} to {size_gib} GiB"):
+            response = self._cinder().post(
+                f"/volumes/{volume_id}/action", json={"os-extend": {"new_size": size_gib}}
+            )
+            sdk.raise_from_response(response)
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def create_snapshot(self, volume_id: str, name: str, metadata: Mapping[str, str]) -> Snapshot:
+        """Ask Cinder for a snapshot of the volume, also while it is attached (force);
+        it is ``creating`` (see :meth:`wait_for_snapshot`)."""
+        with self.errors.calling(CINDER, f"taking snapshot {name} of volume {volume_id}"):
+            made = self._cinder().create_snapshot(
+                volume_id=volume_id, name=name, is_forced=True, metadata=dict(metadata)
+            )
+            return snapshot_from(made.to_dict(computed=False))
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot:
+        with self.errors.calling(CINDER, f"reading snapshot {snapshot_id}"):
+            return snapshot_from(self._cinder().get_snapshot(snapshot_id).to_dict(computed=False))
+
+    def list_snapshots(
+        self, metadata: Mapping[str, str], volume_id: str | None = None
+    ) -> list[Snapshot]:
+        """This project's snapshots carrying every ``metadata`` key with its value (and of
+        ``volume_id`` if given), oldest first. Cinder filters on the server, every page
+        followed; the answer is checked again here, as in :meth:`list_volumes`."""
+        wanted = dict(metadata)
+        params: dict[str, str] = {"metadata": repr(wanted)}
+        if volume_id:
+            params["volume_id"] = volume_id
+        found: list[Snapshot] = []
+        with self.errors.calling(CINDER, "listing snapshots"):
+            cinder = self._cinder()
+            url: str | None = "/snapshots/detail"
+            while url:
+                data = self._json(cinder.get(url, params=params))
+                found += [snapshot_from(s) for s in data.get("snapshots") or ()]
+                url = next((link["href"] for link in data.get("snapshots_links") or ()
+                            if link.get("rel") == "next"), None)  # fmt: skip
+                params = {}
+        mine = [s for s in found if (not volume_id or s.volume_id == volume_id)
+                and all(s.metadata.get(k) == v for k, v in wanted.items())]  # fmt: skip
+        return sorted(mine, key=lambda s: (s.created_at or "", s.id))
+
+    def wait_for_snapshot(self, snapshot_id: str, timeout: float,
+                          interval: float = POLL_SECONDS) -> Snapshot:  # fmt: skip
+        """Poll until the snapshot is ``available``; VolumeFailed with Cinder's reason if
+        it goes to ``error``, DeadlineExceeded after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            snapshot = self.get_snapshot(snapshot_id)
+            if snapshot.status == "available":
+                return snapshot
+            if snapshot.status in FAILED_STATUSES:
+                raise VolumeFailed(
+                    f"Cinder snapshot {snapshot_id} went to {snapshot.status}: "
+                    f"{self._failure_reason(snapshot_id)}",
+                    volume_id=snapshot.volume_id,
+                    status=snapshot.status,
+                )
+            if time.monotonic() + interval > deadline:
+                raise DeadlineExceeded(
+                    f"Cinder snapshot {snapshot_id} is {snapshot.status}, not available, "
+                    f"after {timeout:.0f} s"
+                )
+            time.sleep(interval)
+
+    def delete_snapshot(self, snapshot_id: str, timeout: float,
+                        interval: float = POLL_SECONDS) -> None:  # fmt: skip
+        """Delete the snapshot and wait until Cinder no longer knows it.
+
+        Cinder accepts the request and may refuse it later (its volume driver finds the
+        snapshot busy: volumes were made from it): the snapshot is ``available`` again
+        then, and VolumeBusy carries Cinder's message."""
+        with self.errors.calling(CINDER, f"deleting snapshot {snapshot_id}"):
+            self._cinder().delete_snapshot(snapshot_id, ignore_missing=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                snapshot = self.get_snapshot(snapshot_id)
+            except NotFound:
+                return
+            if snapshot.status in ("available", "error_deleting"):
+                reason = self._failure_reason(snapshot_id)
+                raise VolumeBusy(
+                    f"Cinder did not delete snapshot {snapshot_id} (it is {snapshot.status} "
+                    f"again): {reason}"
+                )
+            if time.monotonic() + interval > deadline:
+                raise DeadlineExceeded(
+                    f"Cinder snapshot {snapshot_id} still exists ({snapshot.status}) "
                     f"after {timeout:.0f} s"
                 )
             time.sleep(interval)
