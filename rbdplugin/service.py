@@ -586,7 +586,7 @@ class VolumeService:
         status.update(self._mount_status(name))
         if name in self.attacher.checks:
             status["fsck"] = self.attacher.checks[name]
-        if info.spec.origin:
+        if info.spec.origin and self.tenant.backend != "cinder":  # Cinder's clones: Cinder's
             status["flatten"] = self._flatten_status(info)
         if info.spec.qos:
             status["qos_note"] = _qos_note(status.get("mapper"))
