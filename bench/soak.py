@@ -43,6 +43,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -159,15 +160,18 @@ class Tally:
     recording: bool = True
 
     def fail(self, verb: str, text: str) -> None:
-        self.unexpected[f"{verb}: {_shape(text)}"] += 1
+        self.unexpected[f"{verb}: {error_shape(text)}"] += 1
         if len(self.examples) < 30:
             self.examples.append(f"{verb}: {text[:400]}")
 
 
-def _shape(text: str) -> str:
-    """An error text with the volume name taken out, to group alike errors."""
+_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z?")
+
+
+def error_shape(text: str) -> str:
+    """An error text with the volume name and times taken out, to group alike errors."""
     out = []
-    for word in text.split():
+    for word in _TIME.sub("TIME", text).split():
         out.append("NAME" if "soak-" in word else word)
     return " ".join(out)[:200]
 

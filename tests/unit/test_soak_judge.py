@@ -3,7 +3,7 @@ expects, and what counts as growth."""
 
 from __future__ import annotations
 
-from bench.soak import VERBS, Look, Outcome, Settings, expected_kind, judge
+from bench.soak import VERBS, Look, Outcome, Settings, error_shape, expected_kind, judge
 
 THERE = Look(there=True, removed=0, sizes=frozenset({"64M"}), held=False, moved=0, settled=False)
 
@@ -40,3 +40,9 @@ def test_growth_is_judged_leak_by_leak() -> None:
     assert "msgr-worker-0" in judge(outcome({"python": 11, "msgr-worker-0": 3}))[0]
     assert "RSS grew 9.0 MiB" in judge(outcome({"python": 11, "msgr-worker-0": 2}, rss=89.0))[0]
     assert "tasks grew" in judge(outcome({"python": 11, "msgr-worker-0": 2}, tasks=7.0))[0]
+
+
+def test_alike_errors_group_without_their_names_and_times() -> None:
+    first = error_shape("volume 'soak-00012' clean-up (started 2026-11-30T21:20:28Z) runs")
+    second = error_shape("volume 'soak-00977' clean-up (started 2026-11-30T21:27:48Z) runs")
+    assert first == second == "volume NAME clean-up (started TIME) runs"
