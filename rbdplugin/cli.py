@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,54 +104,75 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+ONE_DRIVER = "the volume's driver (needed with several tenants)"
+ANY_DRIVER = "only this driver (tenant)"
+
+
+def _action(
+    group: Any, name: str, text: str, func: Callable[[argparse.Namespace], int],
+    *, targets: Sequence[str] = (), driver: str = ONE_DRIVER, listing: bool = False,
+) -> argparse.ArgumentParser:  # fmt: skip
+    """One operator command: its positional ``targets``, the config, the driver, and
+    ``--json`` for those that print a listing or a result."""
+    p: argparse.ArgumentParser = group.add_parser(name, help=text)
+    for target in targets:
+        p.add_argument(target.lower(), metavar=target)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--driver", help=driver)
+    if listing:
+        p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def _locks_commands(commands: Any) -> None:
-    locks = commands.add_parser("locks", help="who holds which volume; break a lock")
-    lk = locks.add_subparsers(required=True, metavar="ACTION")
-    ls = lk.add_parser("ls", help="list the hosts holding volumes")
-    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    ls.add_argument("--driver", help="only this driver (tenant)")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_locks_ls)
-    br = lk.add_parser("break", help="fence the holder of VOLUME and release its lock")
-    br.add_argument("volume")
-    br.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    br.add_argument("--driver", help="the volume's driver (needed with several tenants)")
+    lk = commands.add_parser("locks", help="who holds which volume; break a lock")
+    group = lk.add_subparsers(required=True, metavar="ACTION")
+    _action(group, "ls", "list the hosts holding volumes", _locks_ls, driver=ANY_DRIVER,
+            listing=True)  # fmt: skip
+    br = _action(group, "break", "fence the holder of VOLUME and release its lock", _locks_break,
+                 targets=["VOLUME"])  # fmt: skip
     br.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    br.set_defaults(func=_locks_break)
 
 
 def _volume_commands(commands: Any) -> None:
     vol = commands.add_parser("volume", help="operate on one volume through the daemon")
-    va = vol.add_subparsers(required=True, metavar="ACTION")
-    rs = va.add_parser(
-        "resize",
-        help="grow VOLUME to SIZE, online where it is mounted on this host (never shrinks)",
-        description="Grow VOLUME's image to SIZE; where it is mounted on this host, also its "
-        "device and filesystem, without unmounting. Exit 0: done; 2: the image grew but "
-        "its filesystem grows only at its next Mount (the reason is printed); 1: error.",
+    group = vol.add_subparsers(required=True, metavar="ACTION")
+    text = "grow VOLUME to SIZE, online where it is mounted on this host (never shrinks)"
+    rs = _action(group, "resize", text, _volume_resize, targets=["VOLUME", "SIZE"], listing=True)
+    rs.description = (
+        "Grow VOLUME's image to SIZE (e.g. 40G, binary units; never smaller); where it is "
+        "mounted on this host, also its device and filesystem, without unmounting. Exit 0: "
+        "done; 2: the image grew but its filesystem grows only at its next Mount (the reason "
+        "is printed); 1: error."
     )
-    rs.add_argument("volume")
-    rs.add_argument("size", help="the new size, e.g. 40G (binary units; never smaller)")
-    rs.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    rs.add_argument("--driver", help="the volume's driver (needed with several tenants)")
-    rs.add_argument("--json", action="store_true")
-    rs.set_defaults(func=_volume_resize)
 
 
 def _snapshot_commands(commands: Any) -> None:
     snap = commands.add_parser("snapshot", help="snapshots of a volume, through the daemon")
-    sa = snap.add_subparsers(required=True, metavar="ACTION")
+    group = snap.add_subparsers(required=True, metavar="ACTION")
     for action, target, text in (
         ("create", "VOLUME@SNAPSHOT", "take a snapshot (the filesystem frozen if mounted here)"),
         ("rm", "VOLUME@SNAPSHOT", "remove a snapshot (refused while clones read from it)"),
         ("ls", "VOLUME", "list a volume's snapshots"),
     ):
-        p = sa.add_parser(action, help=text)
+        p = _action(group, action, text, _snapshot, listing=True)
         p.add_argument("target", metavar=target)
-        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-        p.add_argument("--driver", help="the volume's driver (needed with several tenants)")
-        p.add_argument("--json", action="store_true")
-        p.set_defaults(func=_snapshot, action=action)
+        p.set_defaults(action=action)
+
+
+def _trash_commands(commands: Any) -> None:
+    t = commands.add_parser("trash", help="removed volumes in the RBD trash: list, restore, purge")
+    group = t.add_subparsers(required=True, metavar="ACTION")
+    _action(group, "ls", "list the trash of every RBD tenant (or --driver's)", _trash_ls,
+            driver=ANY_DRIVER, listing=True)  # fmt: skip
+    rs = _action(group, "restore", "bring a removed volume back", _trash_restore,
+                 targets=["VOLUME"])  # fmt: skip
+    rs.add_argument("--id", dest="image_id", help="which entry, when VOLUME is there twice")
+    rs.add_argument("--as", dest="new_name", metavar="NAME", help="restore under this name")
+    pg = _action(group, "purge", "delete the entries whose trash_delay is over", _trash_purge,
+                 driver=ANY_DRIVER)  # fmt: skip
+    pg.add_argument("--dry-run", action="store_true", help="say what would be deleted")
 
 
 def version() -> str:
@@ -433,28 +454,6 @@ def _locks_break(args: argparse.Namespace) -> int:
     fenced = asyncio.run(locks.break_lock(config, tenant, args.volume))
     print(f"volume {args.volume}: released; fenced {', '.join(fenced) or 'nothing (no writer)'}")
     return 0
-
-
-def _trash_commands(commands: Any) -> None:
-    t = commands.add_parser("trash", help="removed volumes in the RBD trash: list, restore, purge")
-    tr = t.add_subparsers(required=True, metavar="ACTION")
-    ls = tr.add_parser("ls", help="list the trash of every RBD tenant (or --driver's)")
-    ls.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    ls.add_argument("--driver", help="only this driver (tenant)")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=_trash_ls)
-    rs = tr.add_parser("restore", help="bring a removed volume back")
-    rs.add_argument("volume")
-    rs.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    rs.add_argument("--driver", help="the volume's driver (needed with several tenants)")
-    rs.add_argument("--id", dest="image_id", help="which entry, when VOLUME is there twice")
-    rs.add_argument("--as", dest="new_name", metavar="NAME", help="restore under this name")
-    rs.set_defaults(func=_trash_restore)
-    pg = tr.add_parser("purge", help="delete the entries whose trash_delay is over")
-    pg.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
-    pg.add_argument("--driver", help="only this driver (tenant)")
-    pg.add_argument("--dry-run", action="store_true", help="say what would be deleted")
-    pg.set_defaults(func=_trash_purge)
 
 
 def _trash_ls(args: argparse.Namespace) -> int:

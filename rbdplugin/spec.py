@@ -285,6 +285,23 @@ def clone_snapshot_prefix(name: str) -> str:
     return f"clone.{name}."
 
 
+def clone_fstype(request: CreateRequest, volume: str, recorded: str) -> str:
+    """The filesystem a clone of ``volume`` carries: the one recorded with it, which an
+    explicit fstype of the Create must match."""
+    name, spec = request.name, request.spec
+    if not recorded:
+        raise InvalidArgument(
+            f"volume {name!r}: {volume!r} was made outside rbdplugin and has no recorded "
+            f"fstype; adopt it first (docker volume create -d DRIVER --opt fstype=... {volume})"
+        )
+    if "fstype" in request.explicit and spec.fstype != recorded:
+        raise InvalidArgument(
+            f"volume {name!r}: a clone carries its origin's filesystem ({recorded}), "
+            f"not {spec.fstype}; drop the fstype option"
+        )
+    return recorded
+
+
 def validate_snapshot_name(snapshot: object) -> str:
     """A snapshot's name: the same rule as volume names."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -296,3 +297,28 @@ def stopped_service(root: Path, state: dict[str, Any], service: str) -> Iterator
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def mount_volume(client: PluginClient, name: str, mount_id: str) -> Path:
+    """Mount ``name`` for ``mount_id`` as Docker does; its mountpoint (asserting success)."""
+    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
+    assert reply["Err"] == "", reply
+    return Path(reply["Mountpoint"])
+
+
+def unmount_volume(client: PluginClient, name: str, mount_id: str) -> None:
+    assert client.call("VolumeDriver.Unmount", {"Name": name, "ID": mount_id}) == {"Err": ""}
+
+
+def write_random(path: Path, size: int = 1 << 20) -> str:
+    """Write ``size`` random bytes to ``path``, synced; their sha256 (hex)."""
+    data = os.urandom(size)
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -8,6 +8,7 @@ paths exactly (never by prefix), and are deliberately plain.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -165,3 +166,10 @@ def mappings_of(spec: str, export: str | Path) -> list[str]:
         + [dev for dev, image in krbd_devices().items() if image == spec]
         + [dev for dev, argv in nbd_devices().items() if spec in argv]
     )
+
+
+def fs_uuid_at(mountpoint: str | Path) -> str:
+    """The filesystem UUID of what is mounted there, as blkid reads it from the device."""
+    done = subprocess.run(["blkid", "-p", "-s", "UUID", "-o", "value", source_at(mountpoint)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return done.stdout.strip()

@@ -14,11 +14,15 @@ place, :func:`rbdplugin.daemon.build_backend`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from rbdplugin.spec import CreateRequest, VolumeSpec
+from rbdplugin.errors import RbdPluginError
+from rbdplugin.spec import CreateRequest, VolumeSpec, clone_snapshot_prefix
+
+log = logging.getLogger(__name__)
 
 RemoveOutcome = Literal["deleted", "trashed", "kept", "absent"]
 # Where a volume's storage is (or how its device is found again), in a back-end's own
@@ -248,3 +252,15 @@ class Attachment(Protocol):
         """A mount-table entry written before back-ends had locators, in today's format
         (an entry in today's format comes back as it is)."""
         ...
+
+
+async def drop_clone_snapshot(backend: VolumeBackend, name: str, origin: str) -> None:
+    """After clone ``name`` is gone (or flattened): the snapshot of its origin that a
+    clone-of Create took for it. A user's snapshot (from-snapshot) is theirs to remove."""
+    volume, _, snapshot = origin.partition("@")
+    if not snapshot.startswith(clone_snapshot_prefix(name)):
+        return
+    try:
+        await backend.remove_snapshot(volume, snapshot)
+    except RbdPluginError as exc:  # its origin is gone, or other volumes read from it
+        log.info("volume %s: kept snapshot %s of its origin: %s", name, origin, exc)

@@ -26,7 +26,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from rbdplugin.backends import Device, Holder, Locator, RemoveOutcome, Usage, VolumeInfo
+from rbdplugin.backends import (
+    Device,
+    Holder,
+    Locator,
+    RemoveOutcome,
+    Usage,
+    VolumeInfo,
+    drop_clone_snapshot,
+)
 from rbdplugin.config import CinderConfig, TenantConfig
 from rbdplugin.devices import Devices
 from rbdplugin.errors import (
@@ -43,7 +51,7 @@ from rbdplugin.errors import (
 )
 from rbdplugin.openstack.client import CloudSettings, OpenStackClient, Snapshot, Volume, connect
 from rbdplugin.openstack.server_id import Places, discover
-from rbdplugin.spec import CreateRequest, VolumeSpec, clone_snapshot_prefix, is_volume_name
+from rbdplugin.spec import CreateRequest, VolumeSpec, clone_fstype, is_volume_name
 from rbdplugin.units import GiB, format_size
 
 log = logging.getLogger(__name__)
@@ -191,17 +199,7 @@ class CinderBackend:
             raise NotFound(f"volume {name!r}: its origin volume {volume!r} does not exist")
         taken = await self._snapshot_of(volume, origin.id, snapshot, f"volume {name!r}: ")
         meta = origin.metadata
-        fstype = meta.get(f"{META}fstype", "")
-        if not fstype:
-            raise InvalidArgument(
-                f"volume {name!r}: {volume!r} was made outside rbdplugin and has no recorded "
-                f"fstype; adopt it first (docker volume create -d DRIVER --opt fstype=... {volume})"
-            )
-        if "fstype" in request.explicit and spec.fstype != fstype:
-            raise InvalidArgument(
-                f"volume {name!r}: a clone carries its origin's filesystem ({fstype}), "
-                f"not {spec.fstype}; drop the fstype option"
-            )
+        fstype = clone_fstype(request, volume, meta.get(f"{META}fstype", ""))
         size_gib = taken.size_gib
         if "size" in request.explicit:
             asked = max(1, math.ceil(spec.size / GiB))
@@ -463,18 +461,8 @@ class CinderBackend:
                 self.settings.detach_timeout,
             )
             outcome = "deleted"
-            await self._drop_clone_snapshot(name, volume.metadata.get(f"{META}clone_of", ""))
+            await drop_clone_snapshot(self, name, volume.metadata.get(f"{META}clone_of", ""))
         return outcome
-
-    async def _drop_clone_snapshot(self, name: str, origin: str) -> None:
-        """The snapshot a clone-of Create took for ``name``, now that its clone is gone."""
-        volume, _, snapshot = origin.partition("@")
-        if not snapshot.startswith(clone_snapshot_prefix(name)):
-            return  # a user's snapshot (from-snapshot): theirs to remove
-        try:
-            await self.remove_snapshot(volume, snapshot)
-        except RbdPluginError as exc:  # its origin is gone, or other volumes came from it
-            log.info("volume %s: kept snapshot %s of its origin: %s", name, origin, exc)
 
     async def _mark(self, name: str, key: str) -> str:
         """Set our metadata mark ``key`` to now; the volume's id."""

@@ -21,14 +21,13 @@ from functools import partial
 import rados
 import rbd
 
-from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo, rbd_snapshots
+from rbdplugin.backends import RemoveOutcome, Usage, VolumeInfo, drop_clone_snapshot, rbd_snapshots
 from rbdplugin.ceph import CephClient, Connection, feature_bits, feature_names
 from rbdplugin.config import TenantConfig
 from rbdplugin.crashpoints import crash_point
 from rbdplugin.errors import (
     CephError,
     Conflict,
-    InvalidArgument,
     NotFound,
     RbdPluginError,
     VolumeBusy,
@@ -44,7 +43,7 @@ from rbdplugin.rbdheader import (
 from rbdplugin.spec import (
     CreateRequest,
     VolumeSpec,
-    clone_snapshot_prefix,
+    clone_fstype,
     is_volume_name,
     qos_from_metadata,
     qos_metadata,
@@ -174,17 +173,7 @@ class RbdBackend:
         if origin.spec.source:
             raise Conflict(f"volume {name!r}: {volume!r} is a read-only companion; clone its "
                            f"source {origin.spec.source!r}")  # fmt: skip
-        fstype = origin.spec.fstype
-        if not fstype:
-            raise InvalidArgument(
-                f"volume {name!r}: {volume!r} was made outside rbdplugin and has no recorded "
-                f"fstype; adopt it first (docker volume create -d DRIVER --opt fstype=... {volume})"
-            )
-        if "fstype" in request.explicit and spec.fstype != fstype:
-            raise InvalidArgument(
-                f"volume {name!r}: a clone carries its origin's filesystem ({fstype}), "
-                f"not {spec.fstype}; drop the fstype option"
-            )
+        fstype = clone_fstype(request, volume, origin.spec.fstype)
         now = datetime.now(UTC)
         mount_options = spec.mount_options if "mount-options" in request.explicit else (
             origin.spec.mount_options)  # fmt: skip
@@ -225,22 +214,19 @@ class RbdBackend:
         return self._info(name, spec.pool, header, {}, [])
 
     async def snapshot(self, name: str, snapshot: str) -> None:
-        pool = await self._only_pool_or_lookup(name)
-        try:
-            await self.client.run(
-                pool, f"taking snapshot {name}@{snapshot}",
-                lambda io: rbd_snapshots.take(io, name, snapshot),
-            )  # fmt: skip
-        except RbdPluginError as exc:
-            raise rbd_snapshots.translate_lock(exc, name) from exc
+        await self._on_snapshot(name, snapshot, "taking", rbd_snapshots.take)
 
     async def remove_snapshot(self, name: str, snapshot: str) -> None:
+        await self._on_snapshot(name, snapshot, "removing", rbd_snapshots.remove)
+
+    async def _on_snapshot(
+        self, name: str, snapshot: str, doing: str, op: Callable[[rados.Ioctx, str, str], None]
+    ) -> None:
         pool = await self._only_pool_or_lookup(name)
         try:
             await self.client.run(
-                pool, f"removing snapshot {name}@{snapshot}",
-                lambda io: rbd_snapshots.remove(io, name, snapshot),
-            )  # fmt: skip
+                pool, f"{doing} snapshot {name}@{snapshot}", lambda io: op(io, name, snapshot)
+            )
         except RbdPluginError as exc:
             raise rbd_snapshots.translate_lock(exc, name) from exc
 
@@ -254,7 +240,7 @@ class RbdBackend:
             )  # fmt: skip
         except RbdPluginError as exc:
             raise rbd_snapshots.translate_lock(exc, name) from exc
-        await self._drop_clone_snapshot(name, info.spec.origin)
+        await drop_clone_snapshot(self, name, info.spec.origin)
 
     async def uuid_renewed(self, name: str) -> None:
         await self._mark_format(name, {"uuid_renewed": _now()}, ())
@@ -581,18 +567,8 @@ class RbdBackend:
             pool, f"removing volume {name!r} ({policy})", remove
         )
         if outcome == "deleted":
-            await self._drop_clone_snapshot(name, info.spec.origin)
+            await drop_clone_snapshot(self, name, info.spec.origin)
         return outcome
-
-    async def _drop_clone_snapshot(self, name: str, origin: str) -> None:
-        """The snapshot a clone-of Create took for ``name``, now that nothing reads it."""
-        volume, _, snapshot = origin.partition("@")
-        if not snapshot.startswith(clone_snapshot_prefix(name)):
-            return  # a user's snapshot (from-snapshot): theirs to remove
-        try:
-            await self.remove_snapshot(volume, snapshot)
-        except RbdPluginError as exc:  # its origin is gone, or other clones read it
-            log.info("volume %s: kept snapshot %s of its origin: %s", name, origin, exc)
 
     async def _remove_companion(self, name: str) -> RemoveOutcome:
         def drop(ioctx: rados.Ioctx) -> None:

@@ -10,9 +10,7 @@ host has, from /proc, /sys and the device itself (blkid, statvfs).
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,16 @@ from typing import Any
 import pytest
 
 from tests import oracle
-from tests.helpers import DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import (
+    DaemonProcess,
+    PluginClient,
+    mount_volume,
+    sha256_of,
+    unique,
+    unmount_volume,
+    wait_until,
+    write_random,
+)
 from tests.integration import test_cinder_mode
 from tests.integration.test_cinder_mode import DRIVER, Cloud
 
@@ -42,36 +49,6 @@ def snap(daemon: DaemonProcess, action: str, name: str, snapshot: str = "") -> d
     return control(daemon).call("volumes/snapshot", body)
 
 
-def mount(client: PluginClient, name: str, mount_id: str) -> Path:
-    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
-    assert reply["Err"] == "", reply
-    return Path(reply["Mountpoint"])
-
-
-def unmount(client: PluginClient, name: str, mount_id: str) -> None:
-    assert client.call("VolumeDriver.Unmount", {"Name": name, "ID": mount_id}) == {"Err": ""}
-
-
-def write_file(path: Path, size: int = 4 << 20) -> str:
-    data = os.urandom(size)
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return hashlib.sha256(data).hexdigest()
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def uuid_of(mountpoint: Path) -> str:
-    device = oracle.source_at(mountpoint)
-    done = subprocess.run(["blkid", "-p", "-s", "UUID", "-o", "value", device],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    return done.stdout.strip()
-
-
 def snapshots_in_cinder(cloud: Cloud, volume_id: str) -> list[dict[str, Any]]:
     """The volume's Cinder snapshots, as the admin sees them."""
     return [
@@ -87,10 +64,10 @@ def test_snapshot_clone_beside_its_origin_and_removal(cloud: Cloud, vm: DaemonPr
     client, origin, copy = vm.client(DRIVER), unique("origin"), unique("copy")
     assert client.create(origin) == {"Err": ""}
     origin_id = cloud.volume(origin)["id"]  # type: ignore[index]
-    origin_path = mount(client, origin, "o")
+    origin_path = mount_volume(client, origin, "o")
     copy_path: Path | None = None
     try:
-        before = write_file(origin_path / "data")
+        before = write_random(origin_path / "data")
         taken = snap(vm, "create", origin, "s1")
         assert taken.get("Err", "") == "" and taken["Frozen"] is True, taken  # mounted here
         in_cinder = snapshots_in_cinder(cloud, origin_id)
@@ -102,7 +79,7 @@ def test_snapshot_clone_beside_its_origin_and_removal(cloud: Cloud, vm: DaemonPr
         assert len(snapshots_in_cinder(cloud, origin_id)) == 1  # no second one made
         assert snap(vm, "ls", origin)["Snapshots"] == ["s1"]
         assert client.get(origin)["Volume"]["Status"]["snapshots"] == ["s1"]
-        write_file(origin_path / "later")  # after the snapshot: not in the copy
+        write_random(origin_path / "later")  # after the snapshot: not in the copy
 
         assert client.create(copy, {"from-snapshot": f"{origin}@s1"}) == {"Err": ""}
         made = cloud.volume(copy)
@@ -110,10 +87,12 @@ def test_snapshot_clone_beside_its_origin_and_removal(cloud: Cloud, vm: DaemonPr
         assert made["metadata"]["rbdplugin.clone_of"] == f"{origin}@s1"
         shown = client.get(copy)["Volume"]["Status"]
         assert shown["clone_of"] == f"{origin}@s1" and "flatten" not in shown  # Cinder's
-        copy_path = mount(client, copy, "c")  # beside its origin, on the same host
-        assert digest(copy_path / "data") == before
+        copy_path = mount_volume(client, copy, "c")  # beside its origin, on the same host
+        assert sha256_of(copy_path / "data") == before
         assert not (copy_path / "later").exists()
-        assert uuid_of(copy_path) != uuid_of(origin_path)  # renewed at its first Mount
+        assert oracle.fs_uuid_at(copy_path) != oracle.fs_uuid_at(
+            origin_path
+        )  # renewed at its first Mount
         assert "rbdplugin.uuid_renewed" in cloud.volume(copy)["metadata"]  # type: ignore[index]
 
         # Cinder's RBD driver removes a snapshot volumes were made from (Ceph keeps what
@@ -123,14 +102,14 @@ def test_snapshot_clone_beside_its_origin_and_removal(cloud: Cloud, vm: DaemonPr
         assert gone == {"Driver": DRIVER, "Name": origin, "Snapshot": "s1"}, gone
         assert snapshots_in_cinder(cloud, origin_id) == []
         assert snap(vm, "ls", origin)["Snapshots"] == []
-        unmount(client, copy, "c")
+        unmount_volume(client, copy, "c")
         copy_path = None
-        copy_path = mount(client, copy, "c")  # attached afresh: read from Ceph, not a cache
-        assert digest(copy_path / "data") == before
+        copy_path = mount_volume(client, copy, "c")  # attached afresh: read from Ceph, not a cache
+        assert sha256_of(copy_path / "data") == before
     finally:
         if copy_path is not None:
-            unmount(client, copy, "c")
-        unmount(client, origin, "o")
+            unmount_volume(client, copy, "c")
+        unmount_volume(client, origin, "o")
     assert client.remove(copy) == {"Err": ""}
     assert "has no snapshot 's1'; it has: none" in snap(vm, "rm", origin, "s1")["Err"]
     assert client.remove(origin) == {"Err": ""}
@@ -181,14 +160,14 @@ def test_a_detached_volume_grows_and_an_attached_one_is_refused(
 ) -> None:
     client, name = vm.client(DRIVER), unique("grow")
     assert client.create(name) == {"Err": ""}
-    path = mount(client, name, "g")
-    kept = write_file(path / "data")
+    path = mount_volume(client, name, "g")
+    kept = write_random(path / "data")
     body = {"Driver": DRIVER, "Name": name, "Size": "2G"}
     refused = control(vm).call("volumes/resize", body)["Err"]
     print(f"\nresize while attached: {refused}")
     assert "grow only while detached" in refused and "unmount it" in refused, refused
     assert cloud.volume(name)["size"] == 1  # type: ignore[index]
-    unmount(client, name, "g")
+    unmount_volume(client, name, "g")
 
     grown = control(vm).call("volumes/resize", {**body, "Size": "1536M"})
     print(f"resize detached: {grown}")
@@ -196,11 +175,11 @@ def test_a_detached_volume_grows_and_an_attached_one_is_refused(
     assert "not mounted" in grown["Filesystem"]
     assert cloud.volume(name)["size"] == 2  # type: ignore[index]  # whole GiB, Cinder's view
     assert "rounded up to whole GiB" in str(client.get(name)["Volume"]["Status"]["notes"])
-    path = mount(client, name, "g")
+    path = mount_volume(client, name, "g")
     stat = os.statvfs(path)
     assert stat.f_blocks * stat.f_frsize > 1.5 * GiB  # the filesystem filled the new size
-    assert digest(path / "data") == kept
-    unmount(client, name, "g")
+    assert sha256_of(path / "data") == kept
+    unmount_volume(client, name, "g")
     shrink = control(vm).call("volumes/resize", {**body, "Size": "1G"})["Err"]
     assert "refusing to shrink" in shrink, shrink
     assert client.remove(name) == {"Err": ""}

@@ -10,23 +10,16 @@ import signal
 import struct
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from tests import oracle
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import Admin, DaemonProcess, mount_volume, unique, wait_until
 
 POOL = "beta"
 EXT4_SUPERBLOCK = 1024
 EXT4_INCOMPAT = 0x60  # s_feature_incompat
 EXT4_RECOVER = 0x4  # needs_recovery: the journal holds what was never checkpointed
-
-
-def mount(client: PluginClient, name: str, mount_id: str) -> Path:
-    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
-    assert reply["Err"] == "", reply
-    return Path(reply["Mountpoint"])
 
 
 def needs_recovery(admin: Admin, image: str) -> bool:
@@ -41,7 +34,7 @@ def test_fsck_auto_checks_a_filesystem_left_unclean(daemon: DaemonProcess, admin
     name = unique("fsck")
     assert c.create(name, {"size": "64M", "fsck": "auto"}) == {"Err": ""}
     assert c.get(name)["Volume"]["Status"]["fsck_mode"] == "auto"
-    path = mount(c, name, "a")
+    path = mount_volume(c, name, "a")
     assert "fsck" not in c.get(name)["Volume"]["Status"]  # fresh and clean: no check
     data = os.urandom(1 << 20)
     with (path / "kept").open("wb") as fh:
@@ -63,7 +56,7 @@ def test_fsck_auto_checks_a_filesystem_left_unclean(daemon: DaemonProcess, admin
     assert not oracle.is_mounted(path)
     assert needs_recovery(admin, name)  # the filesystem itself says it was left unclean
 
-    path = mount(c, name, "b")
+    path = mount_volume(c, name, "b")
     status = c.get(name)["Volume"]["Status"]
     assert "e2fsck -p (exit" in status["fsck"], status
     assert hashlib.sha256((path / "kept").read_bytes()).digest() == hashlib.sha256(data).digest()

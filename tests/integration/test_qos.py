@@ -10,19 +10,13 @@ import time
 from pathlib import Path
 
 from rbdplugin.units import MiB
-from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, PluginClient, unique
+from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, mount_volume, unique
 
 LIMIT = MiB  # bytes per second
 WRITTEN = 4 * MiB  # at LIMIT, about 3 s past the first second's burst
 
 
-def mount(client: PluginClient, name: str, mount_id: str) -> str:
-    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
-    assert reply["Err"] == "", reply
-    return str(reply["Mountpoint"])
-
-
-def timed_direct_write(directory: str) -> float:
+def timed_direct_write(directory: Path) -> float:
     """Seconds to write WRITTEN bytes past the page cache (each write reaches librbd)."""
     started = time.monotonic()
     subprocess.run(
@@ -52,7 +46,7 @@ def test_qos_limits_are_the_images_and_slow_its_writes(daemon: DaemonProcess, ad
     clash = c.create(limited, {"write-bps-limit": "2M"})["Err"]
     assert "write-bps-limit=2M (it has 1M)" in clash, clash
 
-    paths = {name: mount(c, name, "q") for name in (limited, free)}
+    paths = {name: mount_volume(c, name, "q") for name in (limited, free)}
     try:
         note = c.get(limited)["Volume"]["Status"]["qos_note"]
         if TEST_MAPPER == "krbd":  # the kernel client has no QoS: Get must say so

@@ -4,7 +4,6 @@ its own, and mounts beside its origin on one host."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,40 +16,19 @@ import rbd
 from rbdplugin.devcluster import DevCluster
 from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import (
+    Admin,
+    DaemonProcess,
+    PluginClient,
+    mount_volume,
+    sha256_of,
+    unique,
+    unmount_volume,
+    wait_until,
+    write_random,
+)
 
 POOL = "beta"  # remove policy delete: a removed clone is gone, and so is its snapshot
-
-
-def mount(client: PluginClient, name: str, mount_id: str) -> Path:
-    reply = client.call("VolumeDriver.Mount", {"Name": name, "ID": mount_id})
-    assert reply["Err"] == "", reply
-    return Path(reply["Mountpoint"])
-
-
-def unmount(client: PluginClient, name: str, mount_id: str) -> None:
-    assert client.call("VolumeDriver.Unmount", {"Name": name, "ID": mount_id}) == {"Err": ""}
-
-
-def write_file(path: Path, size: int = 1 << 20) -> str:
-    data = os.urandom(size)
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return hashlib.sha256(data).hexdigest()
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def uuid_of(mountpoint: Path) -> str:
-    """The filesystem UUID of what is mounted there, as blkid reads it from the device."""
-    device = oracle.source_at(mountpoint)
-    done = subprocess.run(["blkid", "-p", "-s", "UUID", "-o", "value", device],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    return done.stdout.strip()
 
 
 def parent_of(admin: Admin, image: str) -> tuple[str, str, str]:
@@ -66,11 +44,11 @@ def test_clone_of_a_mounted_volume_carries_its_data_and_mounts_beside_it(
     c = daemon.client(POOL)
     origin, clone = unique(f"orig{fstype}"), unique(f"clone{fstype}")
     assert c.create(origin, {"size": size, "fstype": fstype}) == {"Err": ""}
-    origin_path = mount(c, origin, "o")
+    origin_path = mount_volume(c, origin, "o")
     try:
-        before = write_file(origin_path / "data")
+        before = write_random(origin_path / "data")
         assert c.create(clone, {"clone-of": origin}) == {"Err": ""}
-        write_file(origin_path / "later")  # after the snapshot: not in the clone
+        write_random(origin_path / "later")  # after the snapshot: not in the clone
 
         snapshots = c.get(origin)["Volume"]["Status"]["snapshots"]
         assert len(snapshots) == 1 and snapshots[0].startswith(f"clone.{clone}."), snapshots
@@ -79,25 +57,25 @@ def test_clone_of_a_mounted_volume_carries_its_data_and_mounts_beside_it(
         assert status["fstype"] == fstype
         assert parent_of(admin, clone) == (POOL, origin, snapshots[0])  # Ceph's own view
 
-        clone_path = mount(c, clone, "c")
+        clone_path = mount_volume(c, clone, "c")
         try:
             assert oracle.fstype_at(clone_path) == fstype  # carried over, not formatted
-            assert digest(clone_path / "data") == before
+            assert sha256_of(clone_path / "data") == before
             assert not (clone_path / "later").exists()
-            assert uuid_of(clone_path) != uuid_of(origin_path)
-            write_file(clone_path / "own")  # copy-on-write: the origin does not see it
+            assert oracle.fs_uuid_at(clone_path) != oracle.fs_uuid_at(origin_path)
+            write_random(clone_path / "own")  # copy-on-write: the origin does not see it
             assert not (origin_path / "own").exists()
         finally:
-            unmount(c, clone, "c")
+            unmount_volume(c, clone, "c")
         # The UUID is renewed once: a second Mount keeps it.
         renewed = subprocess.run(["blkid", "-p", "-s", "UUID", "-o", "value",
-                                  oracle.source_at(mount(c, clone, "c2"))],
+                                  oracle.source_at(mount_volume(c, clone, "c2"))],
                                  capture_output=True, text=True, check=True).stdout  # fmt: skip
-        again = uuid_of(daemon_mountpoint(c, clone))
+        again = oracle.fs_uuid_at(daemon_mountpoint(c, clone))
         assert renewed.strip() == again
-        unmount(c, clone, "c2")
+        unmount_volume(c, clone, "c2")
     finally:
-        unmount(c, origin, "o")
+        unmount_volume(c, origin, "o")
     assert c.remove(clone) == {"Err": ""}
     # The snapshot made for the clone went with it: the origin is removable at once.
     assert "snapshots" not in c.get(origin)["Volume"]["Status"]
@@ -143,9 +121,9 @@ def test_a_tenant_may_have_clones_flattened_in_the_background(
     c = daemon.client("flat")
     origin, clone = unique("forig"), unique("fclone")
     assert c.create(origin, {"size": "64M"}) == {"Err": ""}
-    path = mount(c, origin, "o")
-    before = write_file(path / "data", 4 << 20)
-    unmount(c, origin, "o")
+    path = mount_volume(c, origin, "o")
+    before = write_random(path / "data", 4 << 20)
+    unmount_volume(c, origin, "o")
     assert c.create(clone, {"clone-of": origin}) == {"Err": ""}
     wait_until(lambda: c.get(clone)["Volume"]["Status"]["flatten"].startswith("done"), 60,
                "the clone flattened")  # fmt: skip
@@ -158,9 +136,9 @@ def test_a_tenant_may_have_clones_flattened_in_the_background(
     # Its snapshot of the origin is freed, and the origin can go while the clone stays.
     assert "snapshots" not in c.get(origin)["Volume"]["Status"]
     assert c.remove(origin) == {"Err": ""}
-    clone_path = mount(c, clone, "c")
-    assert digest(clone_path / "data") == before
-    unmount(c, clone, "c")
+    clone_path = mount_volume(c, clone, "c")
+    assert sha256_of(clone_path / "data") == before
+    unmount_volume(c, clone, "c")
     assert c.remove(clone) == {"Err": ""}
 
 
@@ -180,7 +158,7 @@ def test_grow_under_write_snapshot_and_restore_into_a_clone_beside_it(
     app, restored = unique("app"), unique("restored")
     cli = ("--config", str(daemon.config), "--driver", POOL)
     assert c.create(app, {"size": "300M", "fstype": "xfs"}) == {"Err": ""}
-    app_path = mount(c, app, "a")
+    app_path = mount_volume(c, app, "a")
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(app_path / "log")])
     try:
         time.sleep(1)
@@ -193,24 +171,24 @@ def test_grow_under_write_snapshot_and_restore_into_a_clone_beside_it(
     finally:
         writer.terminate()
         assert writer.wait(timeout=30) == 0  # it wrote on through the grow
-    written = digest(app_path / "log")
+    written = sha256_of(app_path / "log")
     taken = rbdplugin("snapshot", "create", f"{app}@v1", *cli)
     assert taken.returncode == 0 and "frozen" in taken.stdout, taken
-    write_file(app_path / "after-v1")
+    write_random(app_path / "after-v1")
     listed = rbdplugin("snapshot", "ls", app, *cli)
     assert listed.returncode == 0 and listed.stdout.split() == ["v1"]
 
     assert c.create(restored, {"from-snapshot": f"{app}@v1"}) == {"Err": ""}
-    restored_path = mount(c, restored, "r")
+    restored_path = mount_volume(c, restored, "r")
     try:
         assert oracle.is_mounted(app_path) and oracle.is_mounted(restored_path)
-        assert digest(restored_path / "log") == written  # the same bytes as at the snapshot
+        assert sha256_of(restored_path / "log") == written  # the same bytes as at the snapshot
         assert not (restored_path / "after-v1").exists()
-        assert uuid_of(restored_path) != uuid_of(app_path)
+        assert oracle.fs_uuid_at(restored_path) != oracle.fs_uuid_at(app_path)
         assert os.statvfs(restored_path).f_blocks == os.statvfs(app_path).f_blocks
     finally:
-        unmount(c, restored, "r")
-        unmount(c, app, "a")
+        unmount_volume(c, restored, "r")
+        unmount_volume(c, app, "a")
     busy = rbdplugin("snapshot", "rm", f"{app}@v1", *cli)
     assert busy.returncode == 1 and restored in busy.stderr  # a clone reads from it
     assert c.remove(restored) == {"Err": ""}
