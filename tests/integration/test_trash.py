@@ -19,7 +19,7 @@ from tests.conftest import StartDaemon, tenant_toml
 from tests.helpers import Admin, unique
 
 POOL = "alpha"
-DELAY = 8  # seconds: long enough for every step before the purge that must keep entries
+DELAY = 25  # seconds: every step before the purge that must keep entries, even under load
 
 
 def rbdplugin(*args: str) -> subprocess.CompletedProcess[str]:
