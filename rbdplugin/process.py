@@ -218,8 +218,11 @@ def run_sync(command: Command) -> Completed:
     return _result(command, proc.returncode, out, err)
 
 
-# Children started by spawn() and not known to be reaped yet (see reap_spawned).
-_SPAWNED: set[int] = set()
+# Children started by spawn() and not known to be reaped yet (see reap_spawned). The Popen
+# objects are kept on purpose: a dropped Popen polls in its __del__, which reaps a child
+# that already died (a fast failure) behind our back and frees its pid for reuse while we
+# still hold it, so a later stop_pid could signal a stranger.
+_SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> int:
@@ -242,8 +245,14 @@ def spawn(argv: Sequence[str], log_path: Path, env: Mapping[str, str] | None = N
             )
         except FileNotFoundError as exc:
             raise ProcessError(f"{argv[0]} is not installed (not found on PATH)") from exc
-    _SPAWNED.add(proc.pid)
+    _SPAWNED[proc.pid] = proc
     return proc.pid
+
+
+def _forget(pid: int) -> None:
+    proc = _SPAWNED.pop(pid, None)
+    if proc is not None and proc.returncode is None:
+        proc.returncode = -1  # reaped by waitpid here: its __del__ must not poll nor warn
 
 
 def reap_spawned() -> list[int]:
@@ -256,7 +265,7 @@ def reap_spawned() -> list[int]:
         except ChildProcessError:  # reaped elsewhere already
             done = pid
         if done == pid:
-            _SPAWNED.discard(pid)
+            _forget(pid)
             reaped.append(pid)
     return reaped
 
@@ -297,7 +306,7 @@ def _reap(pid: int) -> None:
     except ChildProcessError:
         done = pid
     if done == pid:
-        _SPAWNED.discard(pid)
+        _forget(pid)
 
 
 # An export process exits within tens of ms of SIGTERM: every Unmount waits for it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,6 +138,20 @@ def test_a_spawned_child_that_dies_on_its_own_is_reaped_when_asked_about(tmp_pat
     assert " Z " in stat.read_text()  # dead, and nobody waited for it yet
     assert not pid_alive(pid)
     assert not stat.exists()  # reaped: no zombie left behind
+
+
+def test_a_spawned_child_is_reaped_by_us_only_not_by_the_next_subprocess(tmp_path: Path) -> None:
+    # A dropped Popen is put on subprocess's own list, and the next Popen anywhere in the
+    # process reaps it: its pid is free for reuse while we still hold it for stop_pid.
+    pid = spawn(["sh", "-c", "exit 3"], tmp_path / "quick.out")
+    stat = Path(f"/proc/{pid}/stat")
+    deadline = time.monotonic() + 5
+    while " Z " not in stat.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    subprocess.run(["true"], check=True)
+    assert " Z " in stat.read_text()  # still ours to reap
+    assert pid in reap_spawned()
+    assert not stat.exists()
 
 
 def test_spawned_children_that_died_unasked_are_reaped_in_one_sweep(tmp_path: Path) -> None:
