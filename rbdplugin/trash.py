@@ -8,8 +8,10 @@ them to its pools and namespace.
 
 Purge deletes only entries whose deferment has ended and that a user moved to the trash;
 entries librbd put there itself (a migration or mirroring in progress, a removal under
-way) are never touched. Restore gives the image back under its name (or a new one)
-when no volume of the tenant uses that name.
+way) are never touched. A purged entry's snapshots go with it, and so does the snapshot
+a clone-of Create took of its origin; an entry a clone still reads from waits for it.
+Restore gives the image back under its name (or a new one) when no volume of the tenant
+uses that name.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from datetime import UTC, datetime
 import rados
 import rbd
 
+from rbdplugin.backends import rbd_snapshots
 from rbdplugin.backends.rbd import RbdBackend
+from rbdplugin.backends.rbd_snapshots import ParentSnapshot
 from rbdplugin.ceph import CephClient
 from rbdplugin.config import Config, TenantConfig
-from rbdplugin.errors import ConfigError, Conflict, NotFound, RbdPluginError
-from rbdplugin.spec import validate_name
+from rbdplugin.errors import ConfigError, Conflict, NotFound, RbdPluginError, VolumeBusy
+from rbdplugin.spec import clone_snapshot_prefix, validate_name
 
 # librbd's name for entries moved by `rbd trash mv` / rbd_trash_move: the only ones ours.
 USER_SOURCE = "USER"
@@ -170,28 +174,58 @@ async def purge(
     for tenant in rbd_tenants(config, driver):
         async with _client(config, tenant) as client:
             when = now or datetime.now(UTC)  # after connecting: what the deletion will see
+            due = []
             for entry in await _entries(client, tenant):
                 if not entry.purgeable(when):
                     result.waiting.append(entry)
                 elif dry_run:
                     result.removed.append(entry)
                 else:
-                    await _remove(client, entry, result)
+                    due.append(entry)
+            await _remove_all(client, due, result)
     return result
 
 
-async def _remove(client: CephClient, entry: TrashEntry, result: Purged) -> None:
-    def remove(ioctx: rados.Ioctx) -> None:
+async def _remove_all(client: CephClient, due: list[TrashEntry], result: Purged) -> None:
+    """Purge ``due`` in rounds: an origin whose snapshot a trashed clone reads from can
+    go only once that clone is gone, whatever order the trash lists them in."""
+    while due:
+        blocked: dict[TrashEntry, str] = {}
+        for entry in due:
+            try:
+                await _remove(client, entry)
+            except VolumeBusy as exc:
+                blocked[entry] = str(exc)
+            except RbdPluginError as exc:
+                result.failed.append((entry, str(exc)))
+            else:
+                result.removed.append(entry)
+        if len(blocked) == len(due):  # no round frees what the rest wait for
+            result.failed += blocked.items()
+            return
+        due = list(blocked)
+
+
+async def _remove(client: CephClient, entry: TrashEntry) -> None:
+    label = f"{entry.name!r} ({entry.image_id})"
+
+    def remove(ioctx: rados.Ioctx) -> ParentSnapshot | None:
+        # Its snapshots went into the trash with it (librbd refuses to delete an image
+        # that has any), unless a clone still reads from one.
+        parent = rbd_snapshots.clear_for_purge(ioctx, entry.image_id, f"cannot purge {label}")
         # force=False: librbd refuses an entry whose deferment has not ended, whatever
         # our clock says.
         rbd.RBD().trash_remove(ioctx, entry.image_id, force=False)
+        return parent
 
-    try:
-        await client.run(entry.pool, f"purging {entry.name!r} ({entry.image_id})", remove)
-    except RbdPluginError as exc:
-        result.failed.append((entry, str(exc)))
-    else:
-        result.removed.append(entry)
+    parent = await client.run(entry.pool, f"purging {label}", remove)
+    if parent is not None and parent.snapshot.startswith(clone_snapshot_prefix(entry.name)):
+        # The snapshot a clone-of Create took of its origin for it: nobody else's.
+        await client.run(
+            parent.pool,
+            f"dropping snapshot {parent.image}@{parent.snapshot}, taken for clone {entry.name!r}",
+            lambda ioctx: rbd_snapshots.drop_if_unread(ioctx, parent),
+        )
 
 
 def stamp(when: datetime) -> str:

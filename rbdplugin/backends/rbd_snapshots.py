@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import rados
 import rbd
@@ -40,6 +41,68 @@ def remove(ioctx: rados.Ioctx, volume: str, snapshot: str) -> None:
                 )
             image.unprotect_snap(snapshot)
         image.remove_snap(snapshot)
+
+
+@dataclass(frozen=True)
+class ParentSnapshot:
+    """The snapshot a clone reads from, wherever its image is (live or in the trash)."""
+
+    pool: str
+    image_id: str
+    image: str
+    snapshot: str
+
+
+def clear_for_purge(ioctx: rados.Ioctx, image_id: str, label: str) -> ParentSnapshot | None:
+    """Before the trashed image ``image_id`` is purged: remove its snapshots (they went
+    into the trash with it), unless a clone still reads from one, which refuses the
+    whole purge of it before anything is removed; its parent snapshot if it is a clone."""
+    with rbd.Image(ioctx, image_id=image_id) as image:
+        snapshots = names(image)
+        readers = {snap: _clones_of(image, snap) for snap in snapshots}
+        busy = [f"{snap} (read by {', '.join(c)})" for snap, c in readers.items() if c]
+        if busy:
+            raise VolumeBusy(
+                f"{label}: clones still read from its snapshots: {'; '.join(busy)}; "
+                "remove or flatten those volumes (a clone in the trash goes first when its "
+                "own delay is over)"
+            )
+        for snap in snapshots:
+            if image.is_protected_snap(snap):
+                image.unprotect_snap(snap)
+            image.remove_snap(snap)
+        try:
+            parent = image.get_parent_image_spec()  # (its keys hold no image id here)
+            parent_id = image.parent_id()
+        except rbd.ImageNotFound:  # not a clone (or flattened)
+            return None
+    return ParentSnapshot(
+        str(parent["pool_name"]), parent_id, str(parent["image_name"]), str(parent["snap_name"])
+    )
+
+
+def drop_if_unread(ioctx: rados.Ioctx, parent: ParentSnapshot) -> bool:
+    """Remove ``parent``'s snapshot once no clone reads from it; False if one still does.
+    Its image may be live or in the trash: it is opened by id."""
+    with rbd.Image(ioctx, image_id=parent.image_id) as image:
+        if parent.snapshot not in names(image):
+            return True
+        if _clones_of(image, parent.snapshot):
+            return False
+        if image.is_protected_snap(parent.snapshot):
+            image.unprotect_snap(parent.snapshot)
+        image.remove_snap(parent.snapshot)
+    return True
+
+
+def _clones_of(image: rbd.Image, snapshot: str) -> list[str]:
+    """The clones reading from ``snapshot``, those in the trash included (they hold it)."""
+    image.set_snap(snapshot)
+    try:
+        return [f"{c['pool']}/{c['image']}{' (in the trash)' if c['trash'] else ''}"
+                for c in image.list_children2()]  # fmt: skip
+    finally:
+        image.set_snap(None)
 
 
 def clone(

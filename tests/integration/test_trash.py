@@ -109,6 +109,62 @@ def test_trash_ls_restore_and_purge_after_the_delay(
         assert c.remove(name) == {"Err": ""}
 
 
+def snapshots_by_id(admin: Admin, image_id: str) -> list[str]:
+    """The snapshots of an image, live or in the trash, opened by id (the oracle)."""
+    with admin.cluster.open_ioctx(POOL) as ioctx, rbd.Image(ioctx, image_id=image_id) as image:
+        return [snap["name"] for snap in image.list_snaps()]
+
+
+def test_purge_takes_trashed_clones_before_their_origins_and_their_snapshots_with_them(
+    cluster: DevCluster, admin: Admin, daemon_factory: StartDaemon
+) -> None:
+    delay = 3
+    daemon = daemon_factory(
+        tenant_toml(
+            cluster, POOL, table="trashclones", trash_delay=f"{delay}s", default_size="64M"
+        ),
+        wait_for="trashclones",
+    )
+    config = str(daemon.config)
+    c = daemon.client("trashclones")
+    origin, copy, live = (unique(f"tc{part}") for part in ("origin", "copy", "live"))
+    assert c.create(origin) == {"Err": ""}
+    with admin.cluster.open_ioctx(POOL) as ioctx, rbd.Image(ioctx, origin) as image:
+        image.create_snap("mine")  # a user's snapshot: it goes into the trash with the volume
+    for clone in (copy, live):
+        assert c.create(clone, {"clone-of": origin}) == {"Err": ""}
+    # Listed after its clone, as the trash lists by id: purge must not depend on order.
+    for name in (origin, copy):
+        assert c.remove(name) == {"Err": ""}
+    origin_id = trash_entries(admin)[origin][0]["id"]
+    taken = snapshots_by_id(admin, origin_id)
+    assert "mine" in taken and len(taken) == 3, taken  # one clone.NAME.TIME per clone
+
+    def purge() -> subprocess.CompletedProcess[str]:
+        time.sleep(delay + 1.5)
+        done = rbdplugin("trash", "purge", "--config", config)
+        print(done.stdout, done.stderr)
+        return done
+
+    first = purge()  # a live clone still reads from the origin: it waits, untouched
+    assert f"deleted trashclones/{copy}" in first.stdout
+    refused = [line for line in first.stderr.splitlines() if f"FAILED trashclones/{origin}" in line]
+    assert refused and live in refused[0] and "clones still read from" in refused[0], first.stderr
+    assert first.returncode == 1
+    assert copy not in trash_entries(admin) and origin in trash_entries(admin)
+    left = snapshots_by_id(admin, origin_id)  # the copy's snapshot went with the copy
+    assert "mine" in left and len(left) == 2 and not any(copy in snap for snap in left), left
+
+    assert c.remove(live) == {"Err": ""}
+    second = purge()
+    assert f"deleted trashclones/{live}" in second.stdout
+    assert f"deleted trashclones/{origin}" in second.stdout, second.stderr
+    mine = (origin, copy, live)
+    assert not [line for line in second.stderr.splitlines() if any(n in line for n in mine)]
+    assert not set(mine) & trash_entries(admin).keys()
+    assert not set(mine) & set(admin.images(POOL))
+
+
 def test_trash_commands_refuse_a_cinder_or_unknown_driver() -> None:
     config = str(Path(__file__).resolve().parents[2] / "config" / "cinder.toml")
     cinder = rbdplugin("trash", "purge", "--config", config, "--driver", "vm")
