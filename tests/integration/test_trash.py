@@ -72,7 +72,7 @@ def test_trash_ls_restore_and_purge_after_the_delay(
 
     early = rbdplugin("trash", "purge", "--config", config)  # within the delay: keeps all
     # The pool's trash is shared with other tests, whose entries may fail to purge (an
-    # origin trashed with a clone's snapshot: a known gap); only ours are judged here.
+    # origin a live clone still reads from); only ours are judged here.
     assert not [line for line in early.stderr.splitlines() if "FAILED" in line and
                 any(name in line for name in (kept, taken, doomed))], early.stderr  # fmt: skip
     assert f"kept trashy/{doomed}" in early.stdout and "kept until" in early.stdout
