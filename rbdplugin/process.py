@@ -299,7 +299,8 @@ def stop_pid(pid: int, timeout: float = 10.0) -> bool:
     return asyncio.run(stop_pid_async(pid, timeout))
 
 
-def _reap(pid: int) -> None:
+def _reap(pid: int) -> bool:
+    """Collect ``pid`` if it is our dead child; True once it is reaped (or not ours)."""
     # Not our child: PID 1 reaps it, and pid_alive() already treats a zombie as gone.
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -307,6 +308,16 @@ def _reap(pid: int) -> None:
         done = pid
     if done == pid:
         _forget(pid)
+    return done == pid
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has ended. A child we spawned has ended only once reaped: its
+    leader shows as a zombie as soon as its main thread exits, while its other threads
+    (librbd's, finishing I/O) still run, and waitpid() cannot collect it yet."""
+    if pid in _SPAWNED:
+        return _reap(pid)
+    return not pid_alive(pid)
 
 
 # An export process exits within tens of ms of SIGTERM: every Unmount waits for it.
@@ -327,9 +338,7 @@ async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
             return True
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            _reap(pid)
-            if not pid_alive(pid):
-                _reap(pid)  # it may have died just after the first: never leave a zombie
+            if _gone(pid):
                 return True
             await asyncio.sleep(STOP_POLL)
-    return not pid_alive(pid)
+    return _gone(pid)

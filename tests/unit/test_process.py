@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,6 +117,28 @@ def test_spawn_and_stop(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert pid_alive(pid)
     assert stop_pid(pid, timeout=5)
     assert not pid_alive(pid)
+
+
+# On SIGTERM its main thread ends alone (the leader turns zombie) while another thread
+# finishes its work, as an export's librbd threads finish their I/O.
+_LEADER_FIRST = """
+import ctypes, signal, threading, time
+threading.Thread(target=time.sleep, args=(0.5,)).start()
+signal.signal(signal.SIGTERM, lambda *_: ctypes.CDLL(None).pthread_exit(None))
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_stop_waits_until_the_last_thread_ended_and_reaps(tmp_path: Path) -> None:
+    out = tmp_path / "leader.out"
+    pid = spawn([sys.executable, "-c", _LEADER_FIRST], out)
+    while "ready" not in out.read_text():
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert stop_pid(pid, timeout=5)
+    assert time.monotonic() - started > 0.2  # its other thread was still at work
+    assert not Path(f"/proc/{pid}").exists()  # and it was reaped: no zombie left
 
 
 def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
