@@ -28,7 +28,15 @@ from rbdplugin.errors import (
 )
 from rbdplugin.mapping import HostPaths, ImageRef, MappedDevice, await_device_size
 from rbdplugin.mapping.scan import cmdline, loop_backing_files, mounts, processes, read
-from rbdplugin.process import KILL_WAIT, Command, Runner, pid_alive, spawn, stop_pid_async
+from rbdplugin.process import (
+    KILL_WAIT,
+    Command,
+    Runner,
+    pid_alive,
+    reap_spawned,
+    spawn,
+    stop_pid_async,
+)
 
 log = logging.getLogger(__name__)
 PROGRAM = "qemu-storage-daemon"
@@ -217,6 +225,9 @@ class FuseMapper:
                     f"{self.timeout / 2 + KILL_WAIT:.0f} s of SIGTERM and SIGKILL"
                 )
         crash_point("unmap.after-export-stop")
+        # An export that exited on its own (its zombie has no command line, so the
+        # search above cannot name it) is reaped now, not at the next 5 s sweep.
+        reap_spawned()
         if export in mounts(self.host):
             # The export's server is gone; only a dead FUSE mount is left to drop.
             await self.runner(Command(["umount", "--lazy", export], timeout=self.timeout))
