@@ -81,7 +81,10 @@ class Answer:
 def own_cluster(short_tmp: Path) -> Iterator[DevCluster]:
     """A cluster this module may stop and freeze."""
     dev = DevCluster(short_tmp / "outage-ceph")
-    dev.start(tenants=[TENANT], watch_timeout=WATCH_TIMEOUT)
+    # The OSD is frozen for longer than the default 16 s read lease, more so under load:
+    # Ceph Pacific then leaves its PGs laggy (every op parked "waiting for readable")
+    # until the OSD restarts, which no daemon can outwait.
+    dev.start(tenants=[TENANT], watch_timeout=WATCH_TIMEOUT, read_lease=600)
     try:
         yield dev
     finally:
