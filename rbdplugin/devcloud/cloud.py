@@ -424,6 +424,17 @@ project_domain_id = default
 service_token_roles = service
 service_token_roles_required = true
 
+# Cinder's own account for Nova's admin-only calls (the volume-extended event).
+[nova]
+auth_type = password
+auth_url = http://127.0.0.1:{state.ports["keystone"]}
+username = nova
+password = {self._password_file("nova").read_text().strip()}
+user_domain_id = default
+project_name = service
+project_domain_id = default
+interface = public
+
 [{BACKEND}]
 volume_driver = cinder.volume.drivers.rbd.RBDDriver
 volume_backend_name = {BACKEND}

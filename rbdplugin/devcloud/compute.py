@@ -15,6 +15,12 @@ What real Nova does when a server's owner attaches a volume, kept in Nova's orde
   compute removes the disk and deletes the attachment with Nova's *service token*
   (Cinder only lets a service delete an attachment that is connected to a server
   without asking Nova first). A disk the guest still uses rolls the detach back.
+- external events (``POST /os-server-external-events``, from Cinder): answered at once
+  per event as Nova does (200 ``completed``; 404 ``failed`` for an unknown server; 400
+  ``failed`` for a ``volume-extended`` without its volume id as tag). For
+  ``volume-extended`` the compute side then reads the volume's new size from Cinder
+  and grows the server's disk to it (libvirt's ``block_resize``); a volume the server
+  does not have is only logged, as Nova's compute does.
 
 Every Cinder call carries the user's token plus our service token, as Nova sends it
 (an expired user token is then still accepted). BDMs are persisted atomically, so
@@ -47,6 +53,20 @@ from rbdplugin.errors import RbdPluginError
 log = logging.getLogger("devcloud.nova")
 
 CINDER_VERSION = "volume 3.71"
+GiB = 1 << 30
+# Nova's external event names, from the microversion that brought each.
+EVENT_NAMES: Mapping[str, tuple[int, int]] = {
+    "network-changed": (2, 1),
+    "network-vif-plugged": (2, 1),
+    "network-vif-unplugged": (2, 1),
+    "network-vif-deleted": (2, 1),
+    "volume-extended": (2, 51),
+    "power-update": (2, 76),
+    "accelerator-request-bound": (2, 82),
+    "volume-reimaged": (2, 93),
+}
+TAG_REQUIRED = frozenset({"volume-extended", "power-update", "accelerator-request-bound"})
+EVENT_STATUSES = frozenset({"failed", "completed", "in-progress"})
 TOKEN_CACHE_SECONDS = 60.0
 HTTP_TIMEOUT = 30.0
 
@@ -292,6 +312,27 @@ def _cinder_message(text: str) -> str:
     return text.strip()[:500]
 
 
+def _checked_events(events: object, version: tuple[int, int]) -> list[dict[str, Any]]:
+    """The request's events, validated as Nova's schema does (400 for the whole request)."""
+    if not isinstance(events, list) or not events:
+        raise NovaFault(400, "Invalid input for field/attribute events.")
+    checked = []
+    for event in events:
+        if not isinstance(event, dict) or set(event) - {"name", "server_uuid", "status", "tag"}:
+            raise NovaFault(400, "Invalid input for field/attribute events.")
+        since = EVENT_NAMES.get(event.get("name"))  # type: ignore[arg-type]
+        if since is None or version < since:
+            raise NovaFault(400, f"Invalid input for field/attribute name: {event.get('name')!r}")
+        if not isinstance(event.get("server_uuid"), str):
+            raise NovaFault(400, "Invalid input for field/attribute server_uuid.")
+        if event.get("status", "completed") not in EVENT_STATUSES:
+            raise NovaFault(400, "Invalid input for field/attribute status.")
+        if not isinstance(event.get("tag", ""), str):
+            raise NovaFault(400, "Invalid input for field/attribute tag.")
+        checked.append(event)
+    return checked
+
+
 def nova_connection_info(attachment: Mapping[str, Any]) -> dict[str, Any]:
     """Cinder's flat ``connection_info`` in the shape Nova keeps it: type + ``data``."""
     info = dict(attachment.get("connection_info") or {})
@@ -435,6 +476,37 @@ class Compute:
             raise NovaFault(404, f"Volume {volume_id} is not attached to {server_id}.")
         return bdm
 
+    def external_events(
+        self, caller: Caller, events: object, version: tuple[int, int]
+    ) -> tuple[list[dict[str, Any]], int]:
+        """Nova's answer to Cinder's events: each event back with ``code`` and ``status``,
+        and the HTTP status (207 if any failed); the accepted work runs behind."""
+        if not caller.roles & {"service", "admin"}:
+            raise NovaFault(
+                403,
+                "Policy doesn't allow os_compute_api:os-server-external-events:create "
+                "to be performed.",
+            )
+        checked = _checked_events(events, version)
+        answered: list[dict[str, Any]] = []
+        accepted = 0
+        for event in checked:
+            server = self.servers.get(event["server_uuid"])
+            if server is None:
+                answered.append({**event, "status": "failed", "code": 404})
+                continue
+            if event["name"] in TAG_REQUIRED and event.get("tag") is None:
+                answered.append({**event, "status": "failed", "code": 400})
+                continue
+            accepted += 1
+            answered.append({**event, "status": "completed", "code": 200})
+            if event["name"] == "volume-extended":
+                volume_id = str(event["tag"])
+                self._behind(self._extend_work(server, volume_id), f"extend {volume_id}")
+        if not accepted:
+            raise NovaFault(404, "No instances found for any event")
+        return answered, 200 if accepted == len(checked) else 207
+
     # -- compute side --------------------------------------------------------------------------
 
     def _behind(self, work: Awaitable[None], what: str) -> None:
@@ -545,6 +617,22 @@ class Compute:
             server.bdms.pop(bdm.volume_id, None)
             self.save()
             log.info("volume %s detached from %s", bdm.volume_id, server.spec.id)
+
+    async def _extend_work(self, server: Server, volume_id: str) -> None:
+        """Nova's compute ``extend_volume``: the disk takes the volume's new size."""
+        async with server.lock:
+            bdm = server.bdms.get(volume_id)
+            if bdm is None or bdm.status != "attached":
+                log.warning("extend of volume %s failed: it is not attached to %s",
+                            volume_id, server.spec.id)  # fmt: skip
+                return
+            # As our own (admin) service user: the URL without the user's project id.
+            url = f"{_without_project(bdm.cinder_url)}/volumes/{volume_id}"
+            volume = (await self.cinder.call("GET", url, None))["volume"]
+            size = int(volume["size"]) * GiB
+            await server.maker.grow(bdm.disk, size)
+            log.info("volume %s of %s grown to %d GiB", volume_id, server.spec.id,
+                     size // GiB)  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -18,6 +18,11 @@ server from :data:`DISK_MAKERS`:
   Nova's libvirt driver does; the guest's kernel and udev then make
   ``/dev/disk/by-id/virtio-<serial>`` inside the guest. Unplugging needs the guest's
   consent (``device_del`` until ``DEVICE_DELETED``), as on a real cloud.
+
+Each maker also grows an attached disk after Cinder grew its volume (Nova's
+``volume-extended`` event; libvirt's ``block_resize``): ``host`` grows the FUSE export
+and its loop device as rbdplugin's fuse mapper does, ``qmp`` sends QMP ``block_resize``
+to the rbd node (the guest's kernel then sees the virtio disk's new capacity).
 """
 
 from __future__ import annotations
@@ -88,6 +93,10 @@ class DiskMaker(Protocol):
         """The disk is there now (for re-plugging after a stop)."""
         ...
 
+    async def grow(self, disk: Disk, size: int) -> None:
+        """Make the plugged disk show ``size`` bytes (its image already has them)."""
+        ...
+
 
 @dataclass(frozen=True)
 class HostPlaces:
@@ -145,6 +154,12 @@ class HostDiskMaker:
         if mapped is not None:
             await self.mapper.unmap(mapped)
 
+    async def grow(self, disk: Disk, size: int) -> None:
+        mapped = await self.mapper.find(self.image(disk))
+        if mapped is None or not mapped.device:
+            raise RbdPluginError(f"volume {disk.volume_id}: no disk plugged here to grow")
+        await self.mapper.grow(mapped, size)
+
     async def present(self, disk: Disk) -> bool:
         mapped = await self.mapper.find(self.image(disk))
         link = self.link(disk)
@@ -171,6 +186,9 @@ class ElsewhereDiskMaker:
 
     async def present(self, disk: Disk) -> bool:
         return disk.volume_id in self.plugged
+
+    async def grow(self, disk: Disk, size: int) -> None:
+        """Grown on its own host, where nothing of it is here."""
 
 
 class GuestUnavailable(RbdPluginError):
@@ -321,6 +339,17 @@ class QmpDiskMaker:
         with session:
             return self.device_id(disk) in qmp.device_ids(session)
 
+    def _grow(self, disk: Disk, size: int) -> None:
+        with self._session() as session:
+            try:
+                session.command("block_resize", **{"node-name": self.node_name(disk)}, size=size)
+            except qmp.QmpError as exc:
+                raise RbdPluginError(
+                    f"volume {disk.volume_id}: QEMU refused to grow the disk: {exc}"
+                ) from exc
+        log.info("volume %s grown to %d bytes in the QEMU at %s", disk.volume_id, size,
+                 self.socket)  # fmt: skip
+
     # -- DiskMaker ----------------------------------------------------------------------
 
     async def plug(self, disk: Disk) -> str:
@@ -333,6 +362,9 @@ class QmpDiskMaker:
 
     async def present(self, disk: Disk) -> bool:
         return await asyncio.to_thread(self._present, disk)
+
+    async def grow(self, disk: Disk, size: int) -> None:
+        await asyncio.to_thread(self._grow, disk, size)
 
 
 DISK_MAKERS: dict[str, Callable[[HostPlaces, float], DiskMaker]] = {

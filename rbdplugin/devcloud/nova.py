@@ -10,7 +10,8 @@ plugin inside a server uses, on 127.0.0.1, registered in Keystone's catalog as t
 - ``GET|POST /v2.1/servers/{id}/os-volume_attachments`` and
   ``GET|DELETE /v2.1/servers/{id}/os-volume_attachments/{volume_id}``: attach and detach,
   asynchronous like Nova's (see :mod:`rbdplugin.devcloud.compute`);
-- ``POST /v2.1/os-server-external-events``: accepted (Cinder reports extends there).
+- ``POST /v2.1/os-server-external-events``: Cinder's events; ``volume-extended`` grows
+  the server's disk to the volume's new size (Cinder's in-use extend).
 
 Tokens are validated against the real Keystone (401 with ``WWW-Authenticate: Keystone
 uri=...`` otherwise). aiohttp is only the transport: handlers decode, call one method of
@@ -263,9 +264,11 @@ async def detach(request: web.Request) -> web.Response:
 
 
 async def external_events(request: web.Request) -> web.Response:
-    events = (await _body(request)).get("events") or []
-    done = [{**e, "code": 200, "status": "completed"} for e in events if isinstance(e, dict)]
-    return _json({"events": done})
+    events = (await _body(request)).get("events")
+    answered, status = request.app[COMPUTE].external_events(
+        request[CALLER], events, request[VERSION]
+    )
+    return _json({"events": answered}, status)
 
 
 # -- the app -----------------------------------------------------------------------------------

@@ -232,6 +232,41 @@ def test_bad_or_missing_token_gets_401(cloud: Cloud, session: Session) -> None:
     assert ok.status == 200 and ok.body["server"]["status"] == "ACTIVE", ok
 
 
+def test_external_events_need_the_service_role_and_are_answered_per_event(
+    cloud: Cloud, session: Session
+) -> None:
+    """Cinder's events (volume-extended after an in-use extend) as Nova answers them: the
+    service role only, then a code and status per event, 207 if some failed."""
+    events = f"{session.nova}/os-server-external-events"
+    vm = cloud.server("vm")
+    extended = {"name": "volume-extended", "server_uuid": vm, "tag": "no-such-volume"}
+    nova_251 = {"OpenStack-API-Version": "compute 2.51"}
+    refused = call("POST", events, session.token, {"events": [extended]}, nova_251)
+    assert refused.status == 403, refused  # a member of the project: not Nova's service
+    password = (cloud.root / "secrets" / "nova.password").read_text().strip()
+    login = {"auth": {"identity": {"methods": ["password"], "password": {"user": {
+        "name": "nova", "domain": {"id": "default"}, "password": password}}},
+        "scope": {"project": {"name": "service", "domain": {"id": "default"}}}}}  # fmt: skip
+    auth_url = _clouds_yaml_auth(cloud.root / "clouds.yaml")["auth_url"]
+    reply = call("POST", f"{auth_url}/auth/tokens", body=login)
+    assert reply.status == 201, reply
+    service = reply.headers["X-Subject-Token"]
+    unknown = {**extended, "server_uuid": "00000000-0000-0000-0000-000000000000"}
+    untagged = {"name": "volume-extended", "server_uuid": vm}
+    answer = call("POST", events, service, {"events": [extended, unknown, untagged]}, nova_251)
+    assert answer.status == 207, answer
+    assert answer.body == {"events": [
+        {**extended, "code": 200, "status": "completed"},  # Nova's compute logs the rest
+        {**unknown, "code": 404, "status": "failed"},
+        {**untagged, "code": 400, "status": "failed"},
+    ]}  # fmt: skip
+    answer = call("POST", events, service, {"events": [extended]}, nova_251)
+    assert answer.status == 200 and answer.body["events"][0]["code"] == 200, answer
+    assert call("POST", events, service, {"events": [unknown]}, nova_251).status == 404
+    too_old = {"OpenStack-API-Version": "compute 2.50"}  # volume-extended came with 2.51
+    assert call("POST", events, service, {"events": [extended]}, too_old).status == 400
+
+
 def _read_direct(path: Path, offset: int) -> bytes:
     buffer = mmap.mmap(-1, BLOCK)  # page-aligned, as O_DIRECT needs
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)

@@ -118,3 +118,30 @@ def test_without_a_running_qemu(
     asyncio.run(guest.unplug(disk))  # no QEMU, no disk
     with pytest.raises(GuestUnavailable, match="no QMP socket"):
         asyncio.run(guest.plug(disk))
+
+
+def virtual_size(sock: Path, node: str) -> int:
+    """The size QEMU gives the block node (what its virtio disk shows the guest)."""
+    with qmp.Qmp(sock) as session:
+        nodes = session.command("query-named-block-nodes")
+    return int(next(n["image"]["virtual-size"] for n in nodes if n["node-name"] == node))
+
+
+def test_grow_resizes_the_plugged_disk_to_its_grown_image(
+    cluster: DevCluster, admin: Admin, images: list[str], qemu: Path
+) -> None:
+    """Nova's volume-extended: Cinder grew the image; block_resize shows QEMU (and so the
+    guest's virtio disk) the new size. The guest kernel's side is the kernel tier's."""
+    disk, guest = volume(admin, images), maker(cluster, qemu)
+    asyncio.run(guest.plug(disk))
+    node = guest.node_name(disk)
+    assert virtual_size(qemu, node) == 16 << 20
+    with (
+        admin.cluster.open_ioctx(POOL) as ioctx,
+        rbd.Image(ioctx, f"volume-{disk.volume_id}") as image,
+    ):
+        image.resize(32 << 20)  # Cinder's RBD driver, behind QEMU's back
+    assert virtual_size(qemu, node) == 16 << 20  # QEMU keeps the size it opened
+    asyncio.run(guest.grow(disk, 32 << 20))
+    assert virtual_size(qemu, node) == 32 << 20
+    assert admin.size(POOL, f"volume-{disk.volume_id}") == 32 << 20  # not cut or grown further
