@@ -49,6 +49,8 @@ from rbdplugin.errors import (
     VolumeBusy,
     VolumeFailed,
 )
+from rbdplugin.host import HostPaths
+from rbdplugin.mapping import await_device_size
 from rbdplugin.openstack.client import CloudSettings, OpenStackClient, Snapshot, Volume, connect
 from rbdplugin.openstack.server_id import Places, discover
 from rbdplugin.spec import CreateRequest, VolumeSpec, clone_fstype, is_volume_name
@@ -63,6 +65,7 @@ KEPT_MARK = "~removed-"  # Docker names cannot hold "~": a kept volume leaves Li
 SERIAL_CHARS = 20  # virtio-blk serials are cut to 20 bytes
 BY_ID = "/dev/disk/by-id"
 AVAILABLE = frozenset({"available"})
+IN_USE = frozenset({"in-use"})
 
 
 def disk_links(volume_id: str) -> list[str]:
@@ -377,21 +380,16 @@ class CinderBackend:
         return [v.metadata[VOLUME] for v in volumes if is_volume_name(v.metadata.get(VOLUME, ""))]
 
     async def resize(self, name: str, size: int) -> None:
-        """Grow a detached volume with Cinder's os-extend (whole GiB); its filesystem
-        grows at its next Mount. An attached one is refused: growing a volume in use
-        needs Nova's part (Cinder microversion 3.42 and Nova's volume-extended event)."""
+        """Grow the volume with Cinder's os-extend (whole GiB, microversion 3.42), also
+        while attached: Cinder grows the image, then tells Nova (``volume-extended``),
+        which grows the disk in the server; :meth:`grow` then waits for this host's disk.
+        A detached volume's filesystem grows at its next Mount."""
         volume = await self._volume(name)
-        if volume.servers:
-            raise VolumeBusy(
-                f"volume {name!r} (Cinder volume {volume.id}) is attached to server "
-                f"{', '.join(volume.servers)}; Cinder-mode volumes grow only while detached: "
-                "unmount it (stop the containers using it), then resize; its filesystem grows "
-                "at its next Mount"
-            )
         size_gib = math.ceil(size / GiB)
         if size_gib <= volume.size_gib:
             return
         seconds = self.op_timeout
+        where = f" (attached to server {', '.join(volume.servers)})" if volume.servers else ""
         try:
             await self._call(
                 f"resizing volume {name!r}", seconds, self.client.extend_volume, volume.id, size_gib
@@ -401,11 +399,14 @@ class CinderBackend:
                 seconds + 5,
                 self.client.wait_for_volume,
                 volume.id,
-                AVAILABLE,
+                AVAILABLE | IN_USE,
                 seconds,
             )
         except RbdPluginError as exc:
-            raise type(exc)(f"volume {name!r}: growing it to {size_gib} GiB: {exc}") from exc
+            raise type(exc)(
+                f"volume {name!r}: growing Cinder volume {volume.id}{where} to {size_gib} GiB: "
+                f"{exc}"
+            ) from exc
         await self._call(
             f"resizing volume {name!r}",
             self.op_timeout,
@@ -688,7 +689,24 @@ class CinderBackend:
         return None
 
     async def grow(self, device: Device, size: int) -> None:
-        raise VolumeBusy("Cinder-mode volumes grow only while detached: unmount it first")
+        """Wait for the attached disk to show the volume's new ``size``: Nova grows it
+        in the server once Cinder has grown the volume (its ``volume-extended`` event)."""
+        volume_id = device.locator["volume_id"]
+        if not device.path:
+            raise VolumeBusy(f"Cinder volume {volume_id} has no disk on this host to grow")
+        seconds = self.settings.attach_timeout
+        try:
+            await await_device_size(HostPaths(), device.path, size, seconds)
+        except DeadlineExceeded as exc:
+            raise DeadlineExceeded(
+                f"Cinder volume {volume_id} grew to {format_size(size)} or more, but Nova "
+                f"did not grow its disk in server {self.server_id}: {exc}; resize it again "
+                "to keep waiting (its filesystem also grows at its next Mount)"
+            ) from exc
+        except OSError as exc:
+            raise VolumeBusy(
+                f"Cinder volume {volume_id}: cannot read the size of its disk {device.path}: {exc}"
+            ) from exc
 
     def likely_locator(self, name: str) -> Locator | None:
         return None  # a locator is a Cinder volume id: only a look-up by name tells it

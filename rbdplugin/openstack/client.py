@@ -54,8 +54,10 @@ from rbdplugin.errors import (
 log = logging.getLogger(__name__)
 
 KEYSTONE, CINDER, NOVA = "Keystone", "Cinder", "Nova"
-# Cinder's microversions: user messages came with 3.3; plain v3 is enough for the rest.
+# Cinder's microversions: user messages came with 3.3, growing an in-use volume with
+# 3.42 (below it Cinder refuses os-extend on an attached volume); plain v3 for the rest.
 MESSAGES_MICROVERSION = "3.3"
+EXTEND_IN_USE_MICROVERSION = "3.42"
 # Where a volume can end up when something went wrong on Cinder's side.
 FAILED_STATUSES = frozenset({"error", "error_deleting", "error_extending", "error_restoring"})
 POLL_SECONDS = 0.5
@@ -524,12 +526,15 @@ class OpenStackClient:
             time.sleep(interval)
 
     def extend_volume(self, volume_id: str, size_gib: int) -> None:
-        """Ask Cinder to grow a detached volume to ``size_gib`` (os-extend, asynchronous:
-        ``extending``, then ``available``). Plain v3 on purpose: an attached volume is
-        refused (growing it in use needs microversion 3.42 and Nova's part)."""
+        """Ask Cinder to grow the volume to ``size_gib`` (os-extend, asynchronous:
+        ``extending``, then back to ``available`` or ``in-use``). Microversion 3.42, so an
+        attached volume grows too: Cinder grows the image, then tells Nova (event
+        ``volume-extended``), which grows the disk in the server."""
         with self.errors.calling(CINDER, f"extending volume {volume_id} to {size_gib} GiB"):
             response = self._cinder().post(
-                f"/volumes/{volume_id}/action", json={"os-extend": {"new_size": size_gib}}
+                f"/volumes/{volume_id}/action",
+                json={"os-extend": {"new_size": size_gib}},
+                microversion=EXTEND_IN_USE_MICROVERSION,
             )
             sdk.raise_from_response(response)
 
