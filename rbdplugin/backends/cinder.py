@@ -694,7 +694,9 @@ class CinderBackend:
         volume_id = device.locator["volume_id"]
         if not device.path:
             raise VolumeBusy(f"Cinder volume {volume_id} has no disk on this host to grow")
-        seconds = self.settings.attach_timeout
+        # Within the resize's own budget (op_timeout, which os-extend shared): the Err
+        # then says what is missing, not just that the operation ran out of time.
+        seconds = min(self.settings.attach_timeout, self.op_timeout / 2)
         try:
             await await_device_size(HostPaths(), device.path, size, seconds)
         except DeadlineExceeded as exc:
