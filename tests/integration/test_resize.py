@@ -22,7 +22,7 @@ from rbdplugin.devcluster import DevCluster
 from rbdplugin.units import MiB
 from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import Admin, DaemonProcess, PluginClient, unique, wait_until
+from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, PluginClient, unique, wait_until
 from tests.integration.test_mount import mount, unmount
 
 # alpha: no grow_on_create (the default); beta: grow_on_create = true.
@@ -165,7 +165,9 @@ def test_grow_xfs_online_while_a_writer_writes(daemon: DaemonProcess, cluster: D
 
 def test_grow_mounted_ext4(daemon: DaemonProcess, cluster: DevCluster) -> None:
     """Online where the kernel lets the daemon (CAP_SYS_RESOURCE); else the device grows
-    now and the filesystem at the next Mount, and the CLI says so with exit code 2."""
+    now and the filesystem at the next Mount, and the CLI says so with exit code 2. Under
+    krbd a mounted volume cannot grow (see below): it grows unmounted, its filesystem at
+    the next Mount."""
     client, name = daemon.client(ALPHA), unique("grow")
     assert client.create(name, {"size": "64M"}) == {"Err": ""}
     path = mount(client, name, "m1")
@@ -175,19 +177,33 @@ def test_grow_mounted_ext4(daemon: DaemonProcess, cluster: DevCluster) -> None:
     assert done.returncode == 1
     assert "serves several drivers (alpha, beta): name one" in done.stderr
     done = resize(daemon, name, "256M", "--driver", ALPHA)
-    assert rbd_size(cluster, ALPHA, name) == 256 * MiB
-    assert block_size(device) == 256 * MiB
-    assert oracle.source_at(path) == device
-    assert daemon.proc is not None
-    if cap_sys_resource(daemon.proc.pid):
+    if TEST_MAPPER == "krbd":
+        # A read-write krbd map has the kernel's `exclusive` option, and the kernel takes
+        # no resize request from another client: refused, saying so, nothing changed.
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert "mapped exclusively by krbd" in done.stderr, done.stderr
+        assert "does not take resize requests" in done.stderr, done.stderr
+        assert rbd_size(cluster, ALPHA, name) == 64 * MiB
+        assert block_size(device) == 64 * MiB and fs_size(path) == before_fs
+        unmount(client, name, "m1")  # the way round it: grow it unmounted
+        done = resize(daemon, name, "256M", "--driver", ALPHA)
         assert done.returncode == 0, done.stderr
-        assert fs_size(path) > before_fs + 150 * MiB
+        assert "not mounted: its filesystem grows at its next Mount" in done.stdout
+        assert rbd_size(cluster, ALPHA, name) == 256 * MiB
     else:
-        assert done.returncode == 2, (done.stdout, done.stderr)
-        assert "its filesystem did not" in done.stdout and "CAP_SYS_RESOURCE" in done.stdout
-        assert "grows at the volume's next Mount" in done.stdout
-        assert fs_size(path) == before_fs
-    unmount(client, name, "m1")
+        assert rbd_size(cluster, ALPHA, name) == 256 * MiB
+        assert block_size(device) == 256 * MiB
+        assert oracle.source_at(path) == device
+        assert daemon.proc is not None
+        if cap_sys_resource(daemon.proc.pid):
+            assert done.returncode == 0, done.stderr
+            assert fs_size(path) > before_fs + 150 * MiB
+        else:
+            assert done.returncode == 2, (done.stdout, done.stderr)
+            assert "its filesystem did not" in done.stdout and "CAP_SYS_RESOURCE" in done.stdout
+            assert "grows at the volume's next Mount" in done.stdout
+            assert fs_size(path) == before_fs
+        unmount(client, name, "m1")
     path = mount(client, name, "m2")
     assert fs_size(path) > before_fs + 150 * MiB
     assert (Path(path) / "data").read_bytes() == payload

@@ -17,6 +17,7 @@ from rbdplugin.devcluster import DevCluster
 from tests import oracle
 from tests.conftest import StartDaemon, tenant_toml
 from tests.helpers import (
+    TEST_MAPPER,
     Admin,
     DaemonProcess,
     PluginClient,
@@ -47,7 +48,10 @@ def test_clone_of_a_mounted_volume_carries_its_data_and_mounts_beside_it(
     origin_path = mount_volume(c, origin, "o")
     try:
         before = write_random(origin_path / "data")
-        assert c.create(clone, {"clone-of": origin}) == {"Err": ""}
+        if TEST_MAPPER == "krbd":
+            origin_path = clone_of_unmounted(c, admin, origin, clone)
+        else:
+            assert c.create(clone, {"clone-of": origin}) == {"Err": ""}
         write_random(origin_path / "later")  # after the snapshot: not in the clone
 
         snapshots = c.get(origin)["Volume"]["Status"]["snapshots"]
@@ -81,6 +85,22 @@ def test_clone_of_a_mounted_volume_carries_its_data_and_mounts_beside_it(
     assert "snapshots" not in c.get(origin)["Volume"]["Status"]
     assert c.remove(origin) == {"Err": ""}
     assert {origin, clone}.isdisjoint(admin.images(POOL))
+
+
+def clone_of_unmounted(c: PluginClient, admin: Admin, origin: str, clone: str) -> Path:
+    """krbd: a read-write krbd map has the kernel's `exclusive` option, and the kernel
+    takes no snapshot request from another client, so clone-of a volume mounted by krbd
+    is refused, saying so, with nothing left behind and the origin thawed. Unmounted, it
+    is cloned; the origin is mounted again (for ``o``) and its new mountpoint returned."""
+    refused = c.create(clone, {"clone-of": origin})["Err"]
+    assert "mapped exclusively by krbd" in refused, refused
+    assert "does not take snapshot requests" in refused, refused
+    assert "snapshots" not in c.get(origin)["Volume"]["Status"]
+    assert clone not in admin.images(POOL)
+    write_random(daemon_mountpoint(c, origin) / "thawed")  # a frozen filesystem would hang
+    unmount_volume(c, origin, "o")
+    assert c.create(clone, {"clone-of": origin}) == {"Err": ""}
+    return mount_volume(c, origin, "o")
 
 
 def daemon_mountpoint(client: PluginClient, name: str) -> Path:

@@ -36,9 +36,9 @@ RUNS_KEPT = 10
 # Suite -> the fewest tests it must have run (a suite that collects nothing proves nothing).
 SUITES = {
     "kernel": 5,
-    "krbd-mount": 9,
+    "krbd-mount": 11,
     "krbd-faults": 6,
-    "nbd": 9,
+    "nbd": 11,
     "krbd-locks": 5,
     "krbd-docker": 4,
     "cinder": 1,
