@@ -448,7 +448,16 @@ class RbdBackend:
                 if image.size() < size:
                     image.resize(size, allow_shrink=False)
 
-        await self.client.run(pool, f"resizing volume {name!r} to {format_size(size)}", grow)
+        try:
+            await self.client.run(pool, f"resizing volume {name!r} to {format_size(size)}", grow)
+        except RbdPluginError as exc:
+            raise rbd_snapshots.translate_lock(
+                exc,
+                name,
+                "resize",
+                "unmount it and grow it then (its filesystem grows at its "
+                "next Mount), or use the nbd or fuse mapper for volumes you grow live",
+            ) from exc
 
     async def usage(self) -> Usage:
         volumes = provisioned = 0

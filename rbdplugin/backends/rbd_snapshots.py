@@ -6,7 +6,8 @@ A clone is made from a protected snapshot (clone format 1: every Ceph release an
 snapshot that clones still read from. Snapshot operations on an image another client
 has open for writing are carried out by that client (librbd asks the lock owner), as
 for ``rbd snap create``; a kernel mapping made with ``exclusive`` does not take such
-requests, so they fail there with EROFS, which :func:`translate_lock` explains.
+requests, so they fail there with EROFS, which :func:`translate_lock` explains (rbd-nbd's
+librbd, even with ``--exclusive``, carries them out).
 """
 
 from __future__ import annotations
@@ -154,13 +155,19 @@ def _listing(image: rbd.Image) -> str:
     return f"; it has: {', '.join(found)}" if found else "; it has none"
 
 
-def translate_lock(exc: RbdPluginError, volume: str) -> RbdPluginError:
-    """A snapshot operation refused because a kernel mapping holds the image exclusively."""
+def translate_lock(
+    exc: RbdPluginError,
+    volume: str,
+    request: str = "snapshot",
+    advice: str = "unmount it first, or use the nbd or fuse mapper for volumes you snapshot live",
+) -> RbdPluginError:
+    """An operation refused (EROFS) because krbd maps the image with ``exclusive``: the
+    kernel carries out no request of another client and keeps its lock."""
     cause = exc.__cause__
     if getattr(cause, "errno", None) == errno.EROFS:
         return VolumeBusy(
-            f"volume {volume!r}: its image is mapped exclusively by a kernel client "
-            "(krbd or rbd-nbd with exclusive), which does not take snapshot requests from "
-            "other clients; unmount it, or use the fuse mapper for volumes you snapshot live"
+            f"volume {volume!r}: its image is mapped exclusively by krbd (the kernel "
+            f"client's exclusive option), which does not take {request} requests from other "
+            f"clients; {advice}"
         )
     return exc
