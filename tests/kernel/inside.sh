@@ -68,7 +68,8 @@ for s in $suites; do
     # restart under write, adoption). One run: one in-guest cluster for both.
     krbd-docker) suite krbd-docker krbd tests/e2e/test_journeys.py tests/kernel/test_systemd_inside.py \
         -k "test_2_write or systemd_inside" ;;
-    # Cinder mode: Nova's attach hot-plugs a virtio disk into this guest through QMP.
+    # Cinder mode: Nova's attach hot-plugs a virtio disk into this guest through QMP, and
+    # its volume-extended event grows that disk (QMP block_resize) for an online resize.
     cinder) suite cinder krbd tests/kernel/test_cinder_inside.py ;;
     *) echo "unknown suite $s" >&2; status=2 ;;
     esac

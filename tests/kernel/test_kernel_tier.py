@@ -41,7 +41,7 @@ SUITES = {
     "nbd": 11,
     "krbd-locks": 5,
     "krbd-docker": 4,
-    "cinder": 1,
+    "cinder": 2,
 }
 GUEST_DEADLINE = 40 * 60
 
