@@ -166,11 +166,13 @@ class Connection:
             if key in self._kept:
                 return False
         kept = _Kept(rbd.Image(self.ioctx(pool), image))
+        image_id = kept.image.id()  # read before another thread may close it
         with self._lock:
             found = self._kept.setdefault(key, kept)
         if found is not kept:
             kept.close()
             return False
+        self.lens.drop(pool, image_id)  # Get asks through the presence handle now
         return True
 
     def close_kept(self, pool: str, image: str) -> None:
