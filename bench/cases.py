@@ -60,7 +60,7 @@ class Counts:
 
 FULL = Counts(
     warmup=3, heavy_warmup=1, create_reps=30, api_warmup=30, api_reps=300, mount_reps=8,
-    parallel=20, parallel_reps=3, remove_reps=20, big_reps=4, fio_rounds=4, fio_size="256M",
+    parallel=20, parallel_reps=3, remove_reps=20, big_reps=4, fio_rounds=6, fio_size="256M",
     fio_runtime=3, cycles=1000, cycle_workers=4, cycle_warmup=5, known=1000, mounted=27,
     restart_mounts=100, restart_reps=5, list_reps=50,
 )  # fmt: skip
@@ -342,7 +342,7 @@ class Cases:
         return [
             CaseResult(f"fio_{key}", f"data path {rw} {bs} ({what})", "MiB/s",
                        "hand-made mapping of the same image", ratio_min(0.98), ours[key],
-                       floor[key])
+                       floor[key], paired=True, notes=[_rounds_note(ours[key], floor[key])])
             for key, rw, bs in self.FIO_JOBS
         ]  # fmt: skip
 
@@ -501,3 +501,10 @@ def _floor_remover(op: Callable[[str], None]) -> Side:
 
 def _remover(env: Env, tenant: str) -> Side:
     return lambda i: timed(lambda: env.remove(f"b-rm-{i}", tenant))
+
+
+def _rounds_note(ours: list[float], floor: list[float]) -> str:
+    """Each round's ratio: the data path's ratio is their median (rounds alternate which
+    side goes first, so each pair ran back to back)."""
+    each = ", ".join(f"{o / f:.2f}" for o, f in zip(ours, floor, strict=True) if f)
+    return f"per-round ratios (ours / hand-made, back to back): {each}"

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bench.promtext import Moved
-from bench.stats import NO_TARGET, Summary, Target, ratio
+from bench.stats import NO_TARGET, Summary, Target, paired_ratio, ratio
 
 Unit = Literal["s", "MiB/s", "MiB", "count"]
 Verdict = Literal["ok", "MISSED", "over (report only)", "FAILED", "not run", "-"]
@@ -27,6 +27,9 @@ class CaseResult:
     notes: list[str] = field(default_factory=list)
     error: str = ""  # the case crashed
     not_run: str = ""  # left out on purpose, and why
+    # ours[i] and floor[i] were measured back to back (alternating rounds): the ratio is
+    # the median of the per-round ratios, not the ratio of the two medians.
+    paired: bool = False
 
     @property
     def ours_summary(self) -> Summary:
@@ -38,6 +41,8 @@ class CaseResult:
 
     @property
     def ratio(self) -> float:
+        if self.paired and self.ours and len(self.ours) == len(self.floor):
+            return paired_ratio(self.ours, self.floor)
         return ratio(self.ours_summary, self.floor_summary)
 
     @property
@@ -46,7 +51,7 @@ class CaseResult:
             return "FAILED"
         if self.not_run:
             return "not run"
-        met = self.target.check(self.ours_summary, self.floor_summary)
+        met = self.target.check(self.ours_summary, self.floor_summary, self.ratio)
         if met is None:
             return "-"
         if met:

@@ -54,8 +54,9 @@ class Target:
     text: str = ""
     gating: bool = True
 
-    def check(self, ours: Summary, floor: Summary) -> bool | None:
-        """True when met, False when missed, None when there is nothing to check."""
+    def check(self, ours: Summary, floor: Summary, value: float | None = None) -> bool | None:
+        """True when met, False when missed, None when there is nothing to check.
+        ``value``: the ratio to judge, when it is not ours.p50 / floor.p50 (paired)."""
         if self.kind == "none" or ours.n == 0:
             return None
         if self.kind == "absolute":
@@ -65,7 +66,8 @@ class Target:
             return None
         if self.kind == "growth_max":
             return ours.p50 - floor.p50 <= self.limit
-        value = ratio(ours, floor)
+        if value is None:
+            value = ratio(ours, floor)
         return value <= self.limit if self.kind == "ratio_max" else value >= self.limit
 
 
@@ -73,6 +75,14 @@ def ratio(ours: Summary, floor: Summary) -> float:
     if floor.n == 0 or floor.p50 == 0:
         return math.nan
     return ours.p50 / floor.p50
+
+
+def paired_ratio(ours: Sequence[float], floor: Sequence[float]) -> float:
+    """The median of ``ours[i] / floor[i]``: for rounds that alternate ours and the floor,
+    each pair measured back to back, so a drift of the machine between rounds (another
+    tenant of the host, the OSD compacting) cancels out instead of deciding the ratio."""
+    pairs = [o / f for o, f in zip(ours, floor, strict=True) if f]
+    return percentile(pairs, 50)
 
 
 def ratio_max(limit: float, text: str = "", gating: bool = True) -> Target:
