@@ -15,7 +15,7 @@ place, :func:`rbdplugin.daemon.build_backend`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -189,7 +189,17 @@ class Attachment(Protocol):
     ``detach``, ``release``. A stage that failed or was cut short by a crash is undone
     from what the record holds: the ``locator`` from :meth:`locate` always, the
     :class:`Device` once ``attach`` returned it (else :meth:`find` looks for it).
+
+    Where :attr:`attach_while_claiming` is true, ``attach`` starts while ``claim`` is
+    still under way (it is handed the claim to wait for); nothing writes to the
+    storage before both are done, and a failed claim undoes the attach as above.
     """
+
+    @property
+    def attach_while_claiming(self) -> bool:
+        """True if exposing the storage takes nothing another host's use could need (no
+        lock, no attachment elsewhere undone), so it may overlap the claim."""
+        ...
 
     def locate(self, info: VolumeInfo) -> Locator:
         """Where ``info``'s storage is. Volumes with equal locators share it (a source
@@ -205,8 +215,12 @@ class Attachment(Protocol):
         :class:`~rbdplugin.errors.LeaseConflict` if another host's use forbids it."""
         ...
 
-    async def attach(self, info: VolumeInfo, locator: Locator, read_only: bool) -> Device:
-        """Expose the claimed storage here; the returned device is ready for I/O."""
+    async def attach(
+        self, info: VolumeInfo, locator: Locator, read_only: bool, claimed: Awaitable[None]
+    ) -> Device:
+        """Expose the storage here; the returned device is ready for I/O. Anything that
+        needs the claim (e.g. joining the device's client to it) waits for ``claimed``,
+        which raises if the claim failed."""
         ...
 
     async def find(self, locator: Locator) -> Device | None:

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import shlex
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -585,6 +585,10 @@ class CinderBackend:
 
     # -- attachment face -----------------------------------------------------------------------
 
+    # Attaching a volume Cinder shows attached to another server would be refused by
+    # Nova at best; the claim looks first.
+    attach_while_claiming = False
+
     def locate(self, info: VolumeInfo) -> Locator:
         return {"volume_id": info.location.removeprefix("cinder/")}
 
@@ -608,7 +612,10 @@ class CinderBackend:
             locator["volume_id"],
         )
 
-    async def attach(self, info: VolumeInfo, locator: Locator, read_only: bool) -> Device:
+    async def attach(
+        self, info: VolumeInfo, locator: Locator, read_only: bool, claimed: Awaitable[None]
+    ) -> Device:
+        await claimed  # never overlapped (attach_while_claiming): it is done already
         volume_id = locator["volume_id"]
         links = disk_links(volume_id)
         seconds = self.settings.attach_timeout

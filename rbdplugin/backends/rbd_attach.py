@@ -10,6 +10,7 @@ details, as JSON, since locators hold strings only).
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,19 @@ class RbdAttachment:
         mode: Mode = "ro" if read_only else "rw"
         await self.leases.acquire(locator["pool"], locator["image"], mode, volume)
 
-    async def attach(self, info: VolumeInfo, locator: Locator, read_only: bool) -> Device:
+    @property
+    def attach_while_claiming(self) -> bool:
+        # A mapper that takes the image's exclusive lock as it maps (krbd, rbd-nbd) must
+        # wait: a fencing claim breaks a dead holder's lock first. A FUSE export opens
+        # the image and takes no lock until the first write, which waits for the claim.
+        return not self.mapper.locks_image
+
+    async def attach(
+        self, info: VolumeInfo, locator: Locator, read_only: bool, claimed: Awaitable[None]
+    ) -> Device:
         image = self._image(locator, "exclusive-lock" in info.spec.features)
         mapped = await self.mapper.map(image, read_only)
+        await claimed
         if not read_only:
             # The mapping's own Ceph client joins our claim, so a takeover fences it too.
             # Should this fail, the mapping is not recorded yet: the roll-back finds it.

@@ -85,6 +85,9 @@ class MappedDevice:
 
 class Mapper(Protocol):
     name: str
+    # Whether map() takes the image's exclusive lock itself (krbd's ``exclusive``,
+    # rbd-nbd's ``--exclusive``), rather than leaving it to the first write.
+    locks_image: bool
 
     async def map(self, image: ImageRef, read_only: bool = False) -> MappedDevice:
         """Map ``image``; the returned device exists and is ready for I/O."""

@@ -45,6 +45,7 @@ class Diagnosis:
 
 class RbdDeviceMapper(ABC):
     name: str
+    locks_image = True  # both map read-write images exclusively (see the mappers)
 
     def __init__(
         self, runner: Runner, host: HostPaths, timeout: float, devices: Devices | None = None

@@ -80,6 +80,11 @@ class Host:
         """This host's ``rbdplugin_<metric>_total{tenant="alpha"}``, from its exposition."""
         return sample(scrape(self.metrics), f"rbdplugin_{metric}_total", tenant="alpha")
 
+    def leftovers(self, volume: str) -> tuple[list[int], list[str]]:
+        """What of ``volume``'s mapping is on this host: export pids, loop devices."""
+        loops = [d for d, f in oracle.loop_devices().items() if f.startswith(f"{self.root}/")]
+        return self.export_pids(volume), loops
+
     def scrub(self) -> None:
         """Take down whatever a killed or frozen host left on this machine."""
         mine = f"{self.root}/"
@@ -177,12 +182,37 @@ def test_race_exactly_one_host_wins_each_round(hosts: tuple[Host, Host]) -> None
         # The win is a real mount on the winner only.
         assert oracle.is_mounted(won["Mountpoint"])
         assert not oracle.is_mounted(loser.root / "mounts" / "alpha" / volume)
+        assert loser.leftovers(volume) == ([], []), "the refused Mount left its mapping"
         losses[loser.name] += 1
         reply = winner.client.call("VolumeDriver.Unmount", {"Name": volume, "ID": mount_id})
         assert reply == {"Err": ""}
         assert not oracle.is_mounted(won["Mountpoint"])
     # Each host counted exactly the rounds it lost, as refused Mounts.
     assert {h.name: h.counted("lock_conflicts") - before[h.name] for h in hosts} == losses
+
+
+def test_a_refused_mount_maps_only_alongside_its_claim_and_leaves_nothing(
+    hosts: tuple[Host, Host],
+) -> None:
+    """Under the FUSE mapper the mapping comes up while the claim is made (its export
+    takes no lock until the first write); a claim that fails undoes it before the Err.
+    krbd and rbd-nbd take the image's lock as they map, so they wait for the claim: a
+    refused Mount never maps."""
+    a, b = hosts
+    volume = unique("refused")
+    a.create_and_mount(volume)
+
+    def maps() -> float:
+        samples = scrape(b.metrics)
+        return sample(samples, "rbdplugin_stage_duration_seconds_count", stage="map")
+
+    for round_ in range(3):
+        before = maps()
+        err = b.mount(volume, f"r{round_}")["Err"]
+        assert "is mounted read-write on host host-a (since" in err, err
+        assert maps() - before == (1 if TEST_MAPPER == "fuse" else 0)
+        assert b.leftovers(volume) == ([], [])
+        assert not oracle.is_mounted(b.root / "mounts" / "alpha" / volume)
 
 
 def blocklisted(admin: Admin) -> set[str]:

@@ -102,6 +102,7 @@ class FakeMapper:
     """Records what the attachment hands the mapper."""
 
     name = "krbd"
+    locks_image = True
 
     def __init__(self, found: MappedDevice | None = None) -> None:
         self.found = found
