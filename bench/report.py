@@ -102,8 +102,9 @@ def markdown(cases: Sequence[CaseResult], meta: dict[str, Any], svg_name: str) -
         f"# rbdplugin benchmarks, {meta['date']}",
         "",
         f"`{meta['command']}` on {meta['host']} ({meta['cpus']} CPUs), mode {meta['mode']}, "
-        f"{meta['seconds']:.0f} s. Ratio = ours / floor (p50; for the data-path rows, whose "
-        "rounds run ours and the floor back to back, the median of the per-round ratios); "
+        f"{meta['seconds']:.0f} s. Ratio = ours / floor (p50; for the data-path rows and the "
+        "parallel Create + Mount, whose few rounds run ours and the floor back to back, the "
+        "median of the per-round ratios); "
         "the floor is the same work done by the bare library call or the hand-run tools, "
         "measured in the same run.",
         "",
