@@ -263,16 +263,17 @@ def take_down_under(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def slow_fuse_file(path: Path, seconds: int) -> Iterator[Path]:
+def slow_fuse_file(path: Path, seconds: int, writable: bool = False) -> Iterator[Path]:
     """A FUSE file at ``path`` whose reads take ``seconds`` in its server
     (qemu-storage-daemon's null-co driver): a direct reader of it sits in uninterruptible
     sleep and survives SIGKILL until the server answers, as a reader of a krbd device or
-    FUSE export does while the OSDs are dead."""
+    FUSE export does while the OSDs are dead. ``writable``: its mode can be changed."""
     path.touch()
     server = subprocess.Popen(
         ["qemu-storage-daemon", "--blockdev",
          f"driver=null-co,node-name=n0,size=1048576,latency-ns={seconds * 10**9}",
-         "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={path},writable=off"],
+         "--export", f"type=fuse,id=e0,node-name=n0,mountpoint={path},"
+         f"writable={'on' if writable else 'off'}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

@@ -34,7 +34,7 @@ from rbdplugin.process import (
     Runner,
     pid_alive,
     reap_spawned,
-    spawn,
+    spawn_async,
     stop_pid_async,
 )
 
@@ -101,7 +101,7 @@ class FuseMapper:
         logfile = export.with_name(export.name + ".log")
         logfile.unlink(missing_ok=True)
         env = {**os.environ, "CEPH_KEYRING": str(image.keyring)}
-        pid = spawn(self.export_command(image, export, read_only), logfile, env=env)
+        pid = await spawn_async(self.export_command(image, export, read_only), logfile, env=env)
         mapped = MappedDevice(self.name, image.spec, "", {"pid": pid, "export": str(export)})
         try:
             await self._wait_exported(image, export, pid, logfile)

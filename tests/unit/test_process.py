@@ -23,6 +23,7 @@ from rbdplugin.process import (
     run,
     run_sync,
     spawn,
+    spawn_async,
     stop_pid,
     stuck_children,
 )
@@ -249,3 +250,69 @@ def test_a_child_stuck_in_the_kernel_is_reported_not_awaited(
     assert elapsed < 1 + KILL_GRACE + 1.5  # not the server's 8 s
     assert ticks >= 10  # the event loop kept running meanwhile
     assert "stuck in the kernel (state D" in caplog.text
+
+
+# -- starting programs: posix_spawn from a worker thread -----------------------------------
+
+
+def test_starting_a_program_lets_the_event_loop_run(tmp_path: Path) -> None:
+    """exec of a program whose file reads take 2 s: the event loop keeps ticking while the
+    spawn waits for it (a fork from the loop, as asyncio's subprocesses do, froze it: 0
+    ticks), and the failed exec is a ProcessError saying why."""
+    with slow_fuse_file(tmp_path / "slow", seconds=2, writable=True) as program:
+        program.chmod(0o755)
+
+        async def scenario() -> tuple[int, float, str]:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticker = asyncio.ensure_future(tick())
+            started = time.monotonic()
+            with pytest.raises(ProcessError) as err:
+                await run(Command([str(program)], timeout=30))
+            took = time.monotonic() - started
+            ticker.cancel()
+            return ticks, took, str(err.value)
+
+        ticks, took, message = asyncio.run(scenario())
+    assert took >= 1.9  # the exec did wait for the slow file
+    assert ticks >= 50, f"the event loop stood still while the program started ({ticks} ticks)"
+    assert message == f"{program} could not be started: Exec format error"
+
+
+def test_a_child_has_only_its_pipes_its_own_session_and_default_sigpipe() -> None:
+    inherited = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(inherited, True)  # as a library's descriptor without O_CLOEXEC
+    script = "ls /proc/$$/fd; echo sid $(cut -d' ' -f6 /proc/$$/stat) pid $$; cat"
+    try:
+        done = asyncio.run(run(Command(["sh", "-c", script], timeout=10, input="fed\n")))
+    finally:
+        os.close(inherited)
+    lines = done.stdout.splitlines()
+    assert sorted(lines[:-2]) == ["0", "1", "2"], done.stdout  # only the three pipes
+    _, sid, _, pid = lines[-2].split()
+    assert sid == pid  # a session of its own: a timeout kills its whole group
+    assert lines[-1] == "fed"
+    status = asyncio.run(run(Command(["cat", "/proc/self/status"], timeout=10))).stdout
+    ignored = int(next(ln for ln in status.splitlines() if ln.startswith("SigIgn:")).split()[1], 16)
+    assert not ignored & (1 << (13 - 1))  # SIGPIPE at its default, not Python's SIG_IGN
+
+
+def test_spawn_async_logs_to_its_file_and_is_reaped(tmp_path: Path) -> None:
+    log_path = tmp_path / "logs" / "child.out"
+
+    async def scenario() -> int:
+        return await spawn_async(["sh", "-c", "echo to-out; echo to-err >&2; exit 3"], log_path)
+
+    pid = asyncio.run(scenario())
+    deadline = time.monotonic() + 10
+    while pid not in reap_spawned():
+        assert time.monotonic() < deadline, "the spawned child was never reaped"
+        time.sleep(0.02)
+    assert log_path.read_text() == "to-out\nto-err\n"
+    assert not Path(f"/proc/{pid}").exists() or pid_alive(pid) is False
