@@ -32,6 +32,29 @@ from tests.helpers import slow_fuse_file
 KEY = "AQBkM0hnAAAAABAAm3tnDWFRr8ymYfb5kPJ0vA=="
 
 
+class Heartbeat:
+    """Counts how often the event loop got to run a task due every ``period`` seconds:
+    a loop that stood still counts nothing."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Heartbeat:
+        self._task = asyncio.create_task(self._beat())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            self.ticks += 1
+
+
 def test_redact_hides_cephx_keys_and_named_secrets() -> None:
     text = f"key = {KEY} password=hunter2"
     assert redact(text, ["hunter2"]) == "key = <redacted> password=<redacted>"
@@ -226,25 +249,16 @@ def test_a_child_stuck_in_the_kernel_is_reported_not_awaited(
     reader = ["dd", f"if={slow_fuse}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"]
 
     async def scenario() -> tuple[float, int]:
-        ticks = 0
-
-        async def heartbeat() -> None:
-            nonlocal ticks
-            while True:
+        async with Heartbeat(0.1) as beat:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match="stuck in the kernel") as err:
+                await run(Command(reader, timeout=1))
+            elapsed = time.monotonic() - started
+            assert "did not finish within 1 s" in str(err.value)
+            assert stuck_children() == 1
+            while stuck_children():  # reaped in the background once the server answers
                 await asyncio.sleep(0.1)
-                ticks += 1
-
-        beat = asyncio.create_task(heartbeat())
-        started = time.monotonic()
-        with pytest.raises(DeadlineExceeded, match="stuck in the kernel") as err:
-            await run(Command(reader, timeout=1))
-        elapsed = time.monotonic() - started
-        assert "did not finish within 1 s" in str(err.value)
-        assert stuck_children() == 1
-        while stuck_children():  # reaped in the background once the server answers
-            await asyncio.sleep(0.1)
-        beat.cancel()
-        return elapsed, ticks
+        return elapsed, beat.ticks
 
     elapsed, ticks = asyncio.run(scenario())
     assert elapsed < 1 + KILL_GRACE + 1.5  # not the server's 8 s
@@ -263,21 +277,12 @@ def test_starting_a_program_lets_the_event_loop_run(tmp_path: Path) -> None:
         program.chmod(0o755)
 
         async def scenario() -> tuple[int, float, str]:
-            ticks = 0
-
-            async def tick() -> None:
-                nonlocal ticks
-                while True:
-                    await asyncio.sleep(0.01)
-                    ticks += 1
-
-            ticker = asyncio.ensure_future(tick())
-            started = time.monotonic()
-            with pytest.raises(ProcessError) as err:
-                await run(Command([str(program)], timeout=30))
-            took = time.monotonic() - started
-            ticker.cancel()
-            return ticks, took, str(err.value)
+            async with Heartbeat(0.01) as beat:
+                started = time.monotonic()
+                with pytest.raises(ProcessError) as err:
+                    await run(Command([str(program)], timeout=30))
+                took = time.monotonic() - started
+            return beat.ticks, took, str(err.value)
 
         ticks, took, message = asyncio.run(scenario())
     assert took >= 1.9  # the exec did wait for the slow file
