@@ -212,9 +212,7 @@ class _Child:
     @classmethod
     async def start(cls, command: Command) -> _Child:
         env = environment(command.env)
-        path = shutil.which(command.argv[0], path=env.get("PATH", os.defpath))
-        if path is None:
-            raise FileNotFoundError(command.argv[0])
+        path = _program(command.argv[0], env)
         parent: list[int] = []
         child: list[int] = []
         try:
@@ -267,6 +265,14 @@ class _Child:
         out, err = await reading
         await self.wait()
         return out, err
+
+
+def _program(name: str, env: Mapping[str, str]) -> str:
+    """The file ``name`` runs, looked up in the child's PATH as exec would."""
+    path = shutil.which(name, path=env.get("PATH", os.defpath))
+    if path is None:
+        raise FileNotFoundError(name)
+    return path
 
 
 RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)  # ignored by Python, not by them
@@ -482,9 +488,10 @@ async def spawn_async(
     if not posix_spawn.AVAILABLE:
         return spawn(argv, log_path, env)
     merged = environment(env)
-    path = shutil.which(argv[0], path=merged.get("PATH", os.defpath))
-    if path is None:
-        raise ProcessError(f"{argv[0]} is not installed (not found on PATH)")
+    try:
+        path = _program(argv[0], merged)
+    except FileNotFoundError as exc:
+        raise ProcessError(f"{argv[0]} is not installed (not found on PATH)") from exc
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     spawning = asyncio.get_running_loop().run_in_executor(
