@@ -76,6 +76,17 @@ def read_header(ioctx: rados.Ioctx, image_id: str) -> Header | None:
             values: dict[str, bytes] = dict(entries)
     except rados.ObjectNotFound:
         return None
+    return parse_header(image_id, values)
+
+
+def header_read(ioctx: rados.Ioctx, image_id: str) -> OmapRead:
+    """:func:`read_header`'s round trip, asked asynchronously (:func:`parse_header` its
+    ``values`` once the ``with`` block has ended)."""
+    return OmapRead(ioctx, HEADER_PREFIX + image_id, limit=MAX_HEADER_KEYS)
+
+
+def parse_header(image_id: str, values: dict[str, bytes]) -> Header | None:
+    """The header of ``image_id`` from its omap; None if it is gone (no omap)."""
     if "size" not in values:  # not a format-2 header (or one being created)
         return None
     metadata = {
@@ -194,6 +205,61 @@ class OmapRead:
                 raise rados.Error(f"reading the omap of {self.oid}", errno=-code)
         finally:
             self._op.__exit__(None, None, None)
+
+
+class IdRead:
+    """:func:`lookup_id` asked asynchronously when the ``with`` block starts; ``value``
+    is the id (None if there is no such image) once it has ended."""
+
+    def __init__(self, ioctx: rados.Ioctx, name: str) -> None:
+        self.ioctx = ioctx
+        self.oid = ID_PREFIX + name
+        self.value: str | None = None
+        self._data: bytes | None = None
+
+    def __enter__(self) -> IdRead:
+        def keep(_: rados.Completion, data: bytes | None) -> None:  # librados' thread
+            self._data = data
+
+        self._done = self.ioctx.aio_read(self.oid, 4096, 0, keep)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Until the callback too has run: wait_for_complete() may return before it.
+        self._done.wait_for_complete_and_cb()
+        code = self._done.get_return_value()
+        if code >= 0 and self._data is not None:
+            self.value = _string(self._data)
+        elif code not in (0, -errno.ENOENT):
+            raise rados.Error(f"reading {self.oid}", errno=-code)
+
+
+class IdCache:
+    """Image ids of names seen lately, to read an image's records alongside its id
+    rather than after it. Only ever a guess: whoever uses one reads the name's id in
+    the same round trip and drops what it read if the two differ (an image removed
+    and made again under the same name, or moved to the trash, has another id or
+    none). Bounded; thread-safe."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._ids: OrderedDict[tuple[str, str], str] = OrderedDict()
+
+    def get(self, pool: str, name: str) -> str | None:
+        with self._lock:
+            return self._ids.get((pool, name))
+
+    def put(self, pool: str, name: str, image_id: str) -> None:
+        with self._lock:
+            self._ids[(pool, name)] = image_id
+            self._ids.move_to_end((pool, name))
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+    def drop(self, pool: str, name: str) -> None:
+        with self._lock:
+            self._ids.pop((pool, name), None)
 
 
 class WatcherLens:

@@ -34,8 +34,12 @@ from rbdplugin.errors import (
 )
 from rbdplugin.rbdheader import (
     Header,
+    IdCache,
+    IdRead,
     OmapRead,
+    header_read,
     lookup_id,
+    parse_header,
     read_header,
     set_metadata,
     unwritten,
@@ -74,6 +78,7 @@ class RbdBackend:
     def __init__(self, client: CephClient, tenant: TenantConfig) -> None:
         self.client = client
         self.tenant = tenant
+        self._ids = IdCache()
 
     async def connect(self) -> None:
         await self.client.connect()
@@ -147,6 +152,7 @@ class RbdBackend:
             return image_id
 
         image_id = await self.client.run(spec.pool, f"creating volume {name!r}", create)
+        self._ids.put(spec.pool, name, image_id)
         # What inspect() would read back, without the round trips: it is all ours.
         header = Header(image_id, spec.size, bits, now, metadata)
         return self._info(name, spec.pool, header, {}, [])
@@ -327,9 +333,16 @@ class RbdBackend:
         Found = tuple[Header, dict[str, str], list[dict[str, object]]]
 
         def read(conn: Connection, pool: str) -> Found | None:
-            # One trip to the thread pool, three round trips to Ceph: the id, then the
-            # header and our format marks side by side, then who has it open.
+            # One trip to the thread pool. With the id known from before, one round trip
+            # to Ceph: the id, the header, our format marks and who has it open, side by
+            # side; else three: the id, then the header and the marks, then who.
             ioctx = conn.ioctx(pool)
+            guess = self._ids.get(pool, name)
+            if guess is not None:
+                found = self._read_guessed(conn, pool, name, guess, watchers)
+                if found is not None:
+                    return found
+                self._ids.drop(pool, name)
             image_id = lookup_id(ioctx, name)
             if image_id is None:
                 return None
@@ -337,11 +350,8 @@ class RbdBackend:
                 header = read_header(ioctx, image_id)
             if header is None:
                 return None
-            try:
-                watching = conn.watchers(pool, name, image_id) if watchers else []
-            except rbd.ImageNotFound:  # removed between the reads
-                watching = []
-            return header, _decoded(marks.values), watching
+            self._ids.put(pool, name, image_id)
+            return header, _decoded(marks.values), _watchers(conn, pool, name, image_id, watchers)
 
         for pool in self.tenant.pools:
             found = await self.client.run_on(
@@ -358,6 +368,23 @@ class RbdBackend:
             created_by=companion["created_by"], fresh=False,
             spec=replace(origin.spec, source=companion["source"], access="ro"),
         )  # fmt: skip
+
+    def _read_guessed(
+        self, conn: Connection, pool: str, name: str, guess: str, watchers: bool
+    ) -> tuple[Header, dict[str, str], list[dict[str, object]]] | None:
+        """inspect()'s reads for the image whose id was ``guess``, all at once; None if
+        that is no longer the id of ``name`` (or it is gone): nothing read is used then."""
+        ioctx = conn.ioctx(pool)
+        with (
+            IdRead(ioctx, name) as current,
+            OmapRead(ioctx, FORMAT_MARKS + guess) as marks,
+            header_read(ioctx, guess) as raw,
+        ):
+            watching = _watchers(conn, pool, name, guess, watchers)
+        header = parse_header(guess, raw.values)
+        if current.value != guess or header is None:
+            return None
+        return header, _decoded(marks.values), watching
 
     def _info(
         self,
@@ -590,6 +617,17 @@ class RbdBackend:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _watchers(
+    conn: Connection, pool: str, name: str, image_id: str, wanted: bool
+) -> list[dict[str, object]]:
+    if not wanted:
+        return []
+    try:
+        return conn.watchers(pool, name, image_id)
+    except rbd.ImageNotFound:  # removed meanwhile
+        return []
 
 
 def _id_of(ioctx: rados.Ioctx, name: str) -> str:
