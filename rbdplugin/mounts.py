@@ -163,9 +163,11 @@ class MountTable:
                 return
 
     def _text(self) -> str:
-        return json.dumps(
-            {name: rec.to_json() for name, rec in self._records.items()}, indent=1, sort_keys=True
-        )
+        # One volume per line, each by the C encoder: json.dumps with an indent runs
+        # Python's own, twice as slow, on the event loop for every save of a Mount.
+        lines = (f"{json.dumps(name)}: {json.dumps(self._records[name].to_json(), sort_keys=True)}"
+                 for name in sorted(self._records))  # fmt: skip
+        return "{\n" + ",\n".join(lines) + "\n}\n"
 
     def _write(self, text: str) -> None:
         try:

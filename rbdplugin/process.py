@@ -571,10 +571,11 @@ def _reap(pid: int) -> bool:
     return done == pid
 
 
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` has ended. A child we spawned has ended only once reaped: its
-    leader shows as a zombie as soon as its main thread exits, while its other threads
-    (librbd's, finishing I/O) still run, and waitpid() cannot collect it yet."""
+def pid_ended(pid: int) -> bool:
+    """Whether ``pid`` has ended: for a child we spawned, a waitpid() (under a µs; no
+    file read). Such a child has ended only once reaped: its leader shows as a zombie
+    as soon as its main thread exits, while its other threads (librbd's, finishing
+    I/O) still run, and waitpid() cannot collect it yet."""
     if pid in _SPAWNED:
         return _reap(pid)
     return not pid_alive(pid)
@@ -598,7 +599,7 @@ async def stop_pid_async(pid: int, timeout: float = 10.0) -> bool:
             return True
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if _gone(pid):
+            if pid_ended(pid):
                 return True
             await asyncio.sleep(STOP_POLL)
-    return _gone(pid)
+    return pid_ended(pid)

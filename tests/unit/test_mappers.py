@@ -6,6 +6,7 @@ tested for real in tests/integration/test_mount.py."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import Coroutine
 from pathlib import Path
@@ -466,6 +467,37 @@ async def _timed(work: Coroutine[Any, Any, None]) -> float:
     started = time.monotonic()
     await work
     return time.monotonic() - started
+
+
+def test_fuse_unmap_stops_its_recorded_export_without_reading_every_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hundreds of processes on a host, read on the event loop: an Unmount stops the
+    # export process it recorded, and scans them all only when it recorded none (or the
+    # recorded pid now runs something else).
+    export = str(tmp_path / "exports" / "vol1")
+    scans: list[HostPaths] = []
+
+    def counted(host: HostPaths, program: str, match: Any) -> list[int]:
+        scans.append(host)
+        return processes(host, program, match)
+
+    monkeypatch.setattr(fuse, "processes", counted)
+    # Still mounted after its recorded process ended: another process serves it too.
+    served = f"60 25 0:52 / {export} rw,nosuid,nodev - fuse /dev/fuse rw\n"
+    for recorded, mountinfo, expected_scans in ((True, "", 0), (False, "", 1), (True, served, 1)):
+        child = subprocess.Popen(["sleep", "60"])  # the "export process": a real one to stop
+        others = {f"proc/{n}/cmdline": f"sleep\0{n}\0" for n in range(100000, 100008)}
+        argv = f"qemu-storage-daemon\0--export\0type=fuse,id=e,mountpoint={export}\0"
+        host = write(tmp_path, {**others, f"proc/{child.pid}/cmdline": argv,
+                                "proc/self/mountinfo": mountinfo})  # fmt: skip
+        scans.clear()
+        mapped = MappedDevice("fuse", "tenant/vol1", "", {
+            "pid": child.pid if recorded else 0, "export": export})  # fmt: skip
+        asyncio.run(FuseMapper(FakeRunner(), host, tmp_path, timeout=2).unmap(mapped))
+        child.wait(timeout=5)  # a sleep of 60 s ended: stopped, by its recorded pid or the scan
+        assert not Path(f"/proc/{child.pid}").exists()
+        assert len(scans) == expected_scans
 
 
 def test_fuse_unmap_reads_only_its_recorded_loop_device(
