@@ -69,14 +69,9 @@ def lookup_id(ioctx: rados.Ioctx, name: str) -> str | None:
 
 def read_header(ioctx: rados.Ioctx, image_id: str) -> Header | None:
     """The image's size, features, creation time and image-meta; None if it is gone."""
-    try:
-        with rados.ReadOpCtx() as op:
-            entries, _ = ioctx.get_omap_vals(op, "", "", MAX_HEADER_KEYS)
-            ioctx.operate_read_op(op, HEADER_PREFIX + image_id)
-            values: dict[str, bytes] = dict(entries)
-    except rados.ObjectNotFound:
-        return None
-    return parse_header(image_id, values)
+    with header_read(ioctx, image_id) as raw:
+        pass
+    return parse_header(image_id, raw.values)
 
 
 def header_read(ioctx: rados.Ioctx, image_id: str) -> OmapRead:

@@ -346,8 +346,12 @@ class RbdBackend:
             image_id = lookup_id(ioctx, name)
             if image_id is None:
                 return None
-            with OmapRead(ioctx, FORMAT_MARKS + image_id) as marks:
-                header = read_header(ioctx, image_id)
+            with (
+                OmapRead(ioctx, FORMAT_MARKS + image_id) as marks,
+                header_read(ioctx, image_id) as raw,
+            ):
+                pass
+            header = parse_header(image_id, raw.values)
             if header is None:
                 return None
             self._ids.put(pool, name, image_id)
