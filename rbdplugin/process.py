@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from rbdplugin import posix_spawn
 from rbdplugin.errors import DeadlineExceeded, ProcessError
@@ -237,8 +237,10 @@ class _Child:
         try:
             pid = await asyncio.shield(spawning)
         except asyncio.CancelledError:
-            # The thread still spawns with our pipes: once it is done, undo it all.
-            spawning.add_done_callback(lambda done: _undo_spawn(done, parent + child))
+            # The thread still spawns with our pipes. Undo it all before the cancel goes on:
+            # a roll-back that runs next looks for what the program made, and must not
+            # race it (a losetup that attaches a loop device after the roll-back looked).
+            await _undo_spawn(spawning, parent + child, command)
             raise
         except BaseException:
             for fd in parent + child:
@@ -300,14 +302,26 @@ def _spawn(
     )  # fmt: skip
 
 
-def _undo_spawn(spawning: asyncio.Future[int], fds: list[int]) -> None:
-    """After a cancelled start: close its pipes, kill what it started and reap it."""
+async def _undo_spawn(spawning: asyncio.Future[int], fds: list[int], command: Command) -> None:
+    """After a cancelled start: wait for the spawn, close its pipes, kill what it started
+    and reap it (or report it stuck in the kernel). A second cancel meanwhile waits too:
+    the spawn takes milliseconds, and what it starts must not outlive the caller."""
+    await _to_its_end(spawning)
     for fd in fds:
         os.close(fd)
-    if not spawning.cancelled() and spawning.exception() is None:
-        pid = spawning.result()
-        _kill_group(pid)
-        _on_exit(pid, lambda _: None)
+    if spawning.cancelled() or spawning.exception() is not None:
+        return
+    child = _Child(spawning.result(), None, -1, -1)
+    _kill_group(child.pid)
+    await _to_its_end(asyncio.ensure_future(_reap_or_abandon(child, command)))  # ≤ KILL_GRACE
+
+
+async def _to_its_end(future: asyncio.Future[Any]) -> None:
+    """Wait until ``future`` is done, whatever cancels the caller meanwhile (they are
+    not lost: the caller is on its way out with a CancelledError already)."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([future])
 
 
 def _on_exit(pid: int, then: Callable[[int], None]) -> None:
@@ -499,9 +513,13 @@ async def spawn_async(
                       stderr=logfd, signals_to_default=RESTORED_SIGNALS),
     )  # fmt: skip
     spawning.add_done_callback(lambda _: os.close(logfd))
-    # Recorded even if our caller is cancelled meanwhile: a roll-back finds and stops it.
     spawning.add_done_callback(_record_spawned)
-    return await asyncio.shield(spawning)
+    try:
+        return await asyncio.shield(spawning)
+    except asyncio.CancelledError:
+        # It starts all the same: the roll-back that runs next must find it to stop it.
+        await _to_its_end(spawning)
+        raise
 
 
 def _record_spawned(spawning: asyncio.Future[int]) -> None:

@@ -10,9 +10,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from rbdplugin import posix_spawn, process
 from rbdplugin.errors import DeadlineExceeded, ProcessError
 from rbdplugin.process import (
     KILL_GRACE,
@@ -321,3 +323,82 @@ def test_spawn_async_logs_to_its_file_and_is_reaped(tmp_path: Path) -> None:
         time.sleep(0.02)
     assert log_path.read_text() == "to-out\nto-err\n"
     assert not Path(f"/proc/{pid}").exists() or pid_alive(pid) is False
+
+
+def _children_of_this_process() -> list[int]:
+    """Processes whose parent is this one, from /proc (zombies included)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+            found.append(int(entry))
+    return found
+
+
+def test_a_start_cancelled_mid_spawn_is_undone_before_the_cancel_returns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Mount whose claim fails cancels its mapping; the roll-back then looks for what
+    the mapping made. A program still being started when the cancel came must be dead by
+    then, or it acts after the roll-back looked (a losetup that attaches a loop device
+    nobody detaches). The spawn is slowed at the process boundary (the worker thread's
+    call), as a loaded machine slows it."""
+    real_spawn = process._spawn
+    spawned: list[int] = []
+
+    def slow_spawn(*args: object, **kwargs: object) -> int:
+        time.sleep(1.0)
+        pid = real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+        spawned.append(pid)
+        return pid
+
+    monkeypatch.setattr(process, "_spawn", slow_spawn)
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        task = asyncio.create_task(run(Command(["sleep", "30"], timeout=60)))
+        await asyncio.sleep(0.2)  # the worker thread is still starting it
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return list(spawned), _children_of_this_process()
+
+    started, children = asyncio.run(scenario())
+    assert started, "the cancel returned while its program was still being started"
+    assert children == [], f"children still there once the cancel returned: {children}"
+
+
+def test_spawn_async_cancelled_mid_spawn_returns_once_the_program_can_be_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FUSE export's start: a roll-back after a cancel finds the export process by
+    its command line and stops it, so the cancel waits until the process exists."""
+    real_spawn = posix_spawn.spawn
+    spawned: list[int] = []
+
+    def slow_spawn(*args: Any, **kwargs: Any) -> int:
+        time.sleep(1.0)
+        pid: int = real_spawn(*args, **kwargs)
+        spawned.append(pid)
+        return pid
+
+    monkeypatch.setattr(posix_spawn, "spawn", slow_spawn)
+
+    async def scenario() -> list[int]:
+        task = asyncio.create_task(spawn_async(["sleep", "30"], tmp_path / "out.log"))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return list(spawned)
+
+    found = asyncio.run(scenario())
+    try:
+        assert found, "the cancel returned before the export process existed"
+        assert pid_alive(found[0])  # there to be found and stopped by the roll-back
+    finally:
+        for pid in found:
+            stop_pid(pid)
+        reap_spawned()
