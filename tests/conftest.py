@@ -27,6 +27,7 @@ import pytest
 from rbdplugin.devcluster import DevCluster
 from tests import secretscan
 from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, take_down_under, write_config
+from tests.kernel import tier
 
 # alpha: trash policy (default); beta: delete; gamma: keep; delta: quotas.
 TENANTS = ("alpha", "beta", "gamma", "delta")
@@ -105,6 +106,8 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if tier.RUN is not None:  # a session cut short (-x, ^C) leaves no guest running
+        tier.RUN.cancel()
     SECRETS.scan_tree(RECORDER.root)
     shutil.rmtree(RECORDER.root, ignore_errors=True)
     if SECRETS.findings or SECRETS.blind:
@@ -123,6 +126,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if elsewhere:
         config.hook.pytest_deselected(items=elsewhere)
         items[:] = [i for i in items if i not in elsewhere]
+    # The kernel tier's guest runs for half an hour under TCG: start it now, beside the host
+    # tests, and report it last (tests/kernel/tier.py).
+    items.sort(key=lambda i: bool(i.get_closest_marker("kernel")))
+    kernel = next(g for g in TOOL_GROUPS if g.marker == "kernel")
+    wanted = any(i.get_closest_marker("kernel") for i in items)
+    if wanted and not (IN_GUEST or kernel.opted_out or kernel.missing or config.option.collectonly):
+        tier.start_in_background()
     for item in items:
         if "integration" in item.path.parts or "e2e" in item.path.parts:
             item.add_marker(pytest.mark.ceph)
