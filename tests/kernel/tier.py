@@ -100,9 +100,7 @@ class GuestTier:
         out.mkdir()
         exchange, qmp = out / "hotplug", out / "qmp.sock"
         exchange.mkdir()
-        # 4 GiB: two suites, each with its own in-guest cluster, run at once (inside.sh).
-        env = {"GUEST_MEM": "4096", **os.environ, "GUEST_QMP_SOCKET": str(qmp),
-               "GUEST_TIMEOUT": str(GUEST_TIMEOUT)}  # fmt: skip
+        env = {**os.environ, "GUEST_QMP_SOCKET": str(qmp), "GUEST_TIMEOUT": str(GUEST_TIMEOUT)}
         stop = threading.Event()
         plugger = threading.Thread(target=serve_hotplug, args=(exchange, qmp, stop), daemon=True)
         plugger.start()
