@@ -15,7 +15,7 @@ suite() {
     shift 2
     echo "=== $name (mapper $mapper) started $(date +%T)"
     started=$(date +%s)
-    RBDPLUGIN_IN_GUEST=1 RBDPLUGIN_TEST_MAPPER=$mapper python3 -m pytest -p no:cacheprovider -q -rfE -s --durations=5 \
+    RBDPLUGIN_IN_GUEST=1 RBDPLUGIN_TEST_MAPPER=$mapper python3 -m pytest -p no:cacheprovider -q -rfE -s --durations=5 --timeout=900 \
         --junitxml="/out/$name.xml" "$@" >"/out/$name.log" 2>&1
     rc=$?
     tail -n 3 "/out/$name.log"
@@ -31,6 +31,9 @@ export RBDPLUGIN_CINDER_DIR=/out/cinder
 export RBDPLUGIN_RACE_ROUNDS=2
 # Everything runs several times slower under TCG (8 parallel rbd-nbd maps take >25 s).
 export RBDPLUGIN_TEST_OP_TIMEOUT=60
+# A test daemon's start (30 s on the host), and each test's limit (300 s): beside the host
+# tests a daemon once took over 30 s to answer here.
+export RBDPLUGIN_TEST_START_TIMEOUT=120
 # The fault tests' short deadline (8 s on the host): an rbd-nbd Mount alone can pass 8 s
 # here, and its clean-up 4 s (tests/integration/test_mount_faults.py).
 export RBDPLUGIN_TEST_FAULT_OP_TIMEOUT=30
