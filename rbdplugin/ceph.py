@@ -2,12 +2,14 @@
 
 Each tenant gets one long-lived ``rados.Rados`` handle authenticated as that
 tenant's own cephx user, so Ceph's caps (not only our checks) keep tenants apart.
-The bindings block in C, so every call runs in the tenant's own thread pool under
-a deadline; a hung cluster costs that tenant threads, never the event loop or
-another tenant. A connection that fails (a timeout, a blocklisting) is retired
-and replaced, and shut down only once the last call still running on it has
-returned. rados/rbd exceptions are translated here, and only here, into
-:mod:`rbdplugin.errors`.
+The bindings block in C, so every call runs in one of the tenant's own thread pools
+under a deadline; a hung cluster costs that tenant threads, never the event loop or
+another tenant. Short reads (Get, List, leases, watchers) have a pool of their own:
+behind eight slow changes (deleting big images, each for seconds) a Get would
+otherwise wait for the first of them to end. A connection that fails (a timeout,
+a blocklisting) is retired and replaced, and shut down only once the last call
+still running on it has returned. rados/rbd exceptions are translated here, and
+only here, into :mod:`rbdplugin.errors`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import errno
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -53,6 +55,7 @@ FEATURE_BITS: dict[str, int] = {
 }
 
 THREADS_PER_TENANT = 8
+READ_THREADS_PER_TENANT = 4
 PREDECESSOR_FENCE_SECONDS = 3600
 
 
@@ -238,6 +241,7 @@ class CephClient:
         self.tenant = tenant
         self.deadline = deadline
         self._executor = started_pool(THREADS_PER_TENANT, f"ceph-{tenant.name}")
+        self._readers = started_pool(READ_THREADS_PER_TENANT, f"ceph-{tenant.name}-read")
         self._connection: Connection | None = None
         # Connections not shut down yet: the current one and retired ones still in use.
         self._live: set[Connection] = set()
@@ -345,6 +349,12 @@ class CephClient:
         """Run ``fn(ioctx)`` for ``pool`` (in the tenant's namespace) in the thread pool."""
         return await self._on(await self._current(), lambda c: fn(c.ioctx(pool)), action, pool)
 
+    async def read(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
+        """Like :meth:`run`, for a read of a few round trips that changes nothing: in the
+        readers' pool, never queued behind slow changes."""
+        conn = await self._current()
+        return await self._on(conn, lambda c: fn(c.ioctx(pool)), action, pool, self._readers)
+
     async def run_long(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
         """Like :meth:`run`, for work that takes as long as it takes (flattening a clone):
         on a thread of its own, not the pool's, with no deadline; the connection stays in
@@ -373,9 +383,16 @@ class CephClient:
         context and its watcher lens in one trip to the pool."""
         return await self._on(await self._current(), fn, action, pool)
 
-    async def run_private(self, pool: str, action: str, fn: Callable[[rados.Ioctx], T]) -> T:
+    async def read_on(self, pool: str, action: str, fn: Callable[[Connection], T]) -> T:
+        """:meth:`run_on` in the readers' pool (see :meth:`read`)."""
+        return await self._on(await self._current(), fn, action, pool, self._readers)
+
+    async def run_private(
+        self, pool: str, action: str, fn: Callable[[rados.Ioctx], T], *, reads: bool = False
+    ) -> T:
         """Like :meth:`run` with an I/O context of its own: for version-guarded updates,
-        whose ``get_last_version()`` must not see another thread's operation."""
+        whose ``get_last_version()`` must not see another thread's operation; in the
+        readers' pool if it ``reads`` only."""
 
         def call(conn: Connection) -> T:
             ioctx = conn.cluster.open_ioctx(pool)
@@ -385,15 +402,17 @@ class CephClient:
             finally:
                 ioctx.close()
 
-        return await self._on(await self._current(), call, action, pool)
+        executor = self._readers if reads else self._executor
+        return await self._on(await self._current(), call, action, pool, executor)
 
     async def watchers(
         self, pool: str, image: str, image_id: str | None, action: str
     ) -> list[dict[str, object]]:
         """Who watches the header of ``image`` (whose id is ``image_id``, if known): asked
         through our presence handle when we keep one, else through a :class:`WatcherLens`."""
+        conn = await self._current()
         return await self._on(
-            await self._current(), lambda c: c.watchers(pool, image, image_id), action, pool
+            conn, lambda c: c.watchers(pool, image, image_id), action, pool, self._readers
         )
 
     async def run_cluster(self, action: str, fn: Callable[[rados.Rados], T]) -> T:
@@ -437,14 +456,24 @@ class CephClient:
         return conn
 
     async def _on(
-        self, conn: Connection, fn: Callable[[Connection], T], action: str, pool: str | None = None
+        self,
+        conn: Connection,
+        fn: Callable[[Connection], T],
+        action: str,
+        pool: str | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> T:
         if not conn.hold():
             raise CephUnavailable("the Ceph connection was closed; retry")
-        return await self._on_held(conn, fn, action, pool)
+        return await self._on_held(conn, fn, action, pool, executor)
 
     async def _on_held(
-        self, conn: Connection, fn: Callable[[Connection], T], action: str, pool: str | None
+        self,
+        conn: Connection,
+        fn: Callable[[Connection], T],
+        action: str,
+        pool: str | None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> T:
         """Run ``fn(conn)`` in the pool under the use the caller took; the use is given
         back when ``fn`` returns, even long after our deadline, or when it never starts."""
@@ -456,7 +485,7 @@ class CephClient:
                 conn.release()
 
         try:
-            future = self._submit(call)
+            future = self._submit(call, executor or self._executor)
         except CephUnavailable:
             conn.release()
             raise
@@ -478,9 +507,9 @@ class CephClient:
             self._retire(conn)
             raise
 
-    def _submit(self, fn: Callable[[], T]) -> Future[T]:
+    def _submit(self, fn: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> Future[T]:
         try:
-            return self._executor.submit(fn)
+            return (executor or self._executor).submit(fn)
         except RuntimeError as exc:  # the pool is shut down: we are closing
             raise CephUnavailable(f"the Ceph client of {self.tenant.name} is closed") from exc
 
@@ -494,6 +523,7 @@ class CephClient:
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._readers.shutdown(wait=False, cancel_futures=True)
         self._connection = None
         live, self._live = list(self._live), set()
         for conn in live:

@@ -193,7 +193,9 @@ class Leases:
             version: int = ioctx.get_last_version()
             return raw, version
 
-        return await self.client.run_private(pool, f"reading the lease of {image!r}", read)
+        return await self.client.run_private(
+            pool, f"reading the lease of {image!r}", read, reads=True
+        )
 
     def _decode(self, raw: bytes, pool: str, image: str) -> LeaseDoc:
         try:

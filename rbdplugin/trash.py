@@ -108,7 +108,7 @@ async def _entries(client: CephClient, tenant: TenantConfig) -> list[TrashEntry]
         def read(ioctx: rados.Ioctx, pool: str = pool) -> list[TrashEntry]:
             return [_entry(tenant.driver, pool, raw) for raw in rbd.RBD().trash_list(ioctx)]
 
-        found += await client.run(pool, "listing the trash", read)
+        found += await client.read(pool, "listing the trash", read)
     return found
 
 

@@ -282,7 +282,7 @@ class RbdBackend:
             except rados.ObjectNotFound:
                 return {}
 
-        return await self.client.run(self.tenant.pool, "listing companion volumes", read)
+        return await self.client.read(self.tenant.pool, "listing companion volumes", read)
 
     async def adopt(self, request: CreateRequest) -> None:
         """Record a Create's fstype and options on an image made outside the plugin."""
@@ -306,7 +306,7 @@ class RbdBackend:
     # -- read --------------------------------------------------------------------------
 
     async def _exists(self, pool: str, name: str) -> bool:
-        return await self.client.run(
+        return await self.client.read(
             pool, f"looking up volume {name!r}", lambda io: lookup_id(io, name) is not None
         )
 
@@ -358,7 +358,7 @@ class RbdBackend:
             return header, _decoded(marks.values), _watchers(conn, pool, name, image_id, watchers)
 
         for pool in self.tenant.pools:
-            found = await self.client.run_on(
+            found = await self.client.read_on(
                 pool, f"reading volume {name!r}", partial(read, pool=pool)
             )
             if found is not None:
@@ -439,7 +439,7 @@ class RbdBackend:
             return trashed, kept
 
         for pool in self.tenant.pools:
-            trashed, kept = await self.client.run(pool, f"looking for removed {name!r}", look)
+            trashed, kept = await self.client.read(pool, f"looking for removed {name!r}", look)
             if trashed:
                 entry = trashed[-1]
                 return (
@@ -462,7 +462,7 @@ class RbdBackend:
             def listing(ioctx: rados.Ioctx) -> list[str]:
                 return [entry["name"] for entry in rbd.RBD().list2(ioctx)]
 
-            for name in await self.client.run(pool, "listing volumes", listing):
+            for name in await self.client.read(pool, "listing volumes", listing):
                 if is_volume_name(name):
                     found.setdefault(name, None)
         for name in await self._companions():
@@ -498,7 +498,7 @@ class RbdBackend:
                 result: dict[str, int] = rbd.RBD().pool_stats_get(ioctx)
                 return result
 
-            got = await self.client.run(pool, "reading pool usage", stats)
+            got = await self.client.read(pool, "reading pool usage", stats)
             volumes += got["image_count"]
             provisioned += got["image_max_provisioned_bytes"]
         return Usage(volumes=volumes, provisioned=provisioned)
@@ -520,7 +520,7 @@ class RbdBackend:
             legacy = header is not None and f"{META}formatting" in header.metadata
             return legacy or "formatting" in _format_marks(ioctx, image_id)
 
-        return await self.client.run(pool, f"reading volume {name!r}", read)
+        return await self.client.read(pool, f"reading volume {name!r}", read)
 
     async def ends_unwritten(self, name: str, region: int) -> bool:
         pool = await self._only_pool_or_lookup(name)
@@ -534,7 +534,7 @@ class RbdBackend:
                 ioctx, header, [(0, min(region, header.size)), (tail, header.size - tail)]
             )
 
-        return await self.client.run(pool, f"reading volume {name!r}", look)
+        return await self.client.read(pool, f"reading volume {name!r}", look)
 
     async def _mark_format(self, name: str, put: dict[str, str], drop: tuple[str, ...]) -> None:
         pool = await self._only_pool_or_lookup(name)

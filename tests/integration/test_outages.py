@@ -403,9 +403,13 @@ def test_every_call_answers_in_time_during_an_outage_and_all_recovers(
             assert "Ceph" in answer.err or f"did not finish within {OP_TIMEOUT} s" in answer.err, (
                 answer
             )
-        # Nothing piled up while the daemon waited on Ceph.
-        for key in ("threads", "fds", "children"):
-            assert idled[key] <= during[key], (key, during, idled)
+        # Nothing piled up while the daemon waited on Ceph. A connection that timed out is
+        # shut down and the next call makes a new one (its librados threads and sockets):
+        # up or down at either census, so threads and fds are held to the most of the
+        # healthy daemon's (one connection) and the first census; one more is a pile-up.
+        for key in ("threads", "fds"):
+            assert idled[key] <= max(during[key], base[key]), (key, base, during, idled)
+        assert idled["children"] <= during["children"], (base, during, idled)
 
         # Ceph is back: the same daemon serves everything again.
         assert host.daemon.proc is not None and host.daemon.proc.poll() is None
