@@ -49,6 +49,9 @@ class GuestTier:
         self._thread: threading.Thread | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._cancelled = threading.Event()
+        # Held from the cancel check to the Popen: a cancel either sees the process or
+        # is seen before it starts (else a guest started just after a cancel ran on).
+        self._starting = threading.Lock()
         self._out: Path | None = None
         self._error: BaseException | None = None
         # Why suites may lack a report though the guest booted (it passed GUEST_TIMEOUT).
@@ -76,7 +79,8 @@ class GuestTier:
     def cancel(self) -> None:
         """Stop the guest (a session that ends before the kernel tier is reported)."""
         self._cancelled.set()
-        process = self._process
+        with self._starting:
+            process = self._process
         if process is not None and process.poll() is None:
             process.terminate()  # guest/run stops QEMU on SIGTERM
             try:
@@ -107,19 +111,20 @@ class GuestTier:
         log_path = out / "guest-run.log"
         try:
             with devcloud_for_guest(out, qmp) as ports, log_path.open("w") as log:
-                if self._cancelled.is_set():
-                    raise GuestFailed("the session ended before the guest started")
                 forwards = [f"--forward={port}" for port in ports]
-                self._process = subprocess.Popen(
-                    [str(ROOT / "guest" / "run"), *forwards, "--out", str(out),
-                     "sh", "/src/tests/kernel/inside.sh", *self.suites],
-                    stdout=log, stderr=subprocess.STDOUT, env=env,
-                )  # fmt: skip
+                with self._starting:
+                    if self._cancelled.is_set():
+                        raise GuestFailed("the session ended before the guest started")
+                    process = self._process = subprocess.Popen(
+                        [str(ROOT / "guest" / "run"), *forwards, "--out", str(out),
+                         "sh", "/src/tests/kernel/inside.sh", *self.suites],
+                        stdout=log, stderr=subprocess.STDOUT, env=env,
+                    )  # fmt: skip
                 try:
-                    returncode = self._process.wait(GUEST_DEADLINE)
+                    returncode = process.wait(GUEST_DEADLINE)
                 except subprocess.TimeoutExpired:
-                    self._process.kill()
-                    returncode = self._process.wait()
+                    process.kill()
+                    returncode = process.wait()
         finally:
             stop.set()
             plugger.join(10)
