@@ -97,6 +97,8 @@ class Connection:
         self._ioctxs: dict[str, rados.Ioctx] = {}
         self._kept: dict[tuple[str, str], _Kept] = {}
         self.lens = WatcherLens(size=8)
+        # Our client address and global id, fixed for the handle's life: read once.
+        self.identity: tuple[str, int] | None = None
 
     def hold(self) -> bool:
         """Take a use; False once the shutdown has begun."""
@@ -420,10 +422,18 @@ class CephClient:
         return await self._on(await self._current(), lambda c: fn(c.cluster), action)
 
     async def address(self) -> tuple[str, int]:
-        """This connection's client address and global id, as watchers show them."""
-        return await self.run_cluster(
-            "reading our client address", lambda c: (c.get_addrs(), c.get_instance_id())
+        """This connection's client address and global id, as watchers show them: asked
+        of librados once per connection (every Mount wants it twice)."""
+        conn = await self._current()
+        if conn.identity is not None:
+            return conn.identity
+        identity: tuple[str, int] = await self._on(
+            conn,
+            lambda c: (c.cluster.get_addrs(), c.cluster.get_instance_id()),
+            "reading our client address",
         )
+        conn.identity = identity
+        return identity
 
     # -- images kept open (a watch on the header says this client uses the image) ----------
 

@@ -1,6 +1,7 @@
 """The tenant's Ceph client on the real cluster: short reads (Get, List, leases, who
 watches) are never queued behind changes that fill the pool for seconds (deleting big
-images), so `docker volume inspect` answers while eight Removes run."""
+images), so `docker volume inspect` answers while eight Removes run; and the client
+address it gives is always that of the connection in use."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import asyncio
 import threading
 from collections.abc import Callable
 
+import pytest
 import rados
 import rbd
 
 from rbdplugin.ceph import THREADS_PER_TENANT, CephClient
 from rbdplugin.config import CephConfig, TenantConfig
 from rbdplugin.devcluster import DevCluster
+from rbdplugin.errors import CephUnavailable
 from rbdplugin.rbdheader import lookup_id
 from tests.helpers import Admin, unique
 
@@ -84,3 +87,37 @@ def test_reads_are_answered_while_slow_changes_fill_the_pool(
     assert found == image_id
     assert watching == []
     assert held, "the reads were answered only once a change had ended"
+
+
+def test_our_address_is_that_of_the_connection_in_use(cluster: DevCluster, admin: Admin) -> None:
+    """Read once per connection: after a fencing (a blocklisting) the client reconnects,
+    and the address it gives (for leases and fencing) is the one Ceph sees watching."""
+    name = unique("addr")
+    with admin.cluster.open_ioctx(POOL) as ioctx:
+        rbd.RBD().create(ioctx, name, 64 << 20, old_format=False)
+
+    def watching() -> list[str]:
+        with admin.cluster.open_ioctx(POOL) as ioctx, rbd.Image(ioctx, name, read_only=True) as im:
+            return [str(w["addr"]) for w in im.watchers_list()]
+
+    async def scenario() -> tuple[str, str, list[str]]:
+        client = _client(cluster)
+        try:
+            first, _ = await client.address()
+            assert await client.address() == (first, _)
+            admin.cluster.blocklist_add(first, 120)  # as another host's takeover does
+            with pytest.raises(CephUnavailable):
+                await client.read(POOL, "looking it up", lambda io: lookup_id(io, name))
+            await client.keep_open(POOL, name, "keeping it open")  # on a new connection
+            second, _ = await client.address()
+            return first, second, watching()
+        finally:
+            await client.close()
+
+    try:
+        first, second, seen = asyncio.run(scenario())
+    finally:
+        with admin.cluster.open_ioctx(POOL) as ioctx:
+            rbd.RBD().remove(ioctx, name)
+    assert second != first, "the address of the fenced connection was given again"
+    assert seen == [second]
