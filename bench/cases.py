@@ -155,11 +155,15 @@ class Cases:
     def api(self) -> list[CaseResult]:
         env = self.env
         env.create("b-get", "1G")
+        env.create("b-getm", "1G")
+        mount_id, _ = env.mount("b-getm")  # its holders are read and judged too
         bare = env.bare_server()
         bare.start()
         ours_client, bare_client = env.client(), PluginClient(bare.socket)
         calls = [
             ("get", "Get (existing, unmounted)", "VolumeDriver.Get", {"Name": "b-get"},
+             absolute(0.002, 0.010, "p50 ≤ 2 ms, p99 ≤ 10 ms")),
+            ("get_mounted", "Get (mounted here)", "VolumeDriver.Get", {"Name": "b-getm"},
              absolute(0.002, 0.010, "p50 ≤ 2 ms, p99 ≤ 10 ms")),
             ("capabilities", "Capabilities", "VolumeDriver.Capabilities", {}, ratio_max(1.1)),
             ("path", "Path (unmounted)", "VolumeDriver.Path", {"Name": "b-get"}, ratio_max(1.1)),
@@ -178,6 +182,8 @@ class Cases:
             ])  # fmt: skip
             results.append(CaseResult(key, title, "s", "bare aiohttp handler", target, ours, floor))
         bare.stop()
+        env.unmount("b-getm", mount_id)
+        env.remove("b-getm")
         env.remove("b-get")
         return results
 

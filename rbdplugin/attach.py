@@ -139,22 +139,30 @@ class Attacher:
         """The filesystem usage of a mounted record; OSError if it cannot be read."""
         return self.fs.usage(Path(record.mountpoint))
 
-    def holders_ahead(self, name: str) -> Ahead | None:
+    def holders_ahead(
+        self, name: str, watching: asyncio.Future[set[str]] | None = None
+    ) -> Ahead | None:
         """Start reading the holders of volume ``name`` before the volume is read, where
-        its locator can be guessed: :meth:`holders` takes the answer if the guess held."""
+        its locator can be guessed: :meth:`holders` takes the answer if the guess held.
+        ``watching``: who watches it, as the volume's own read will tell."""
         locator = self.attachment.likely_locator(name)
         if locator is None:
             return None
-        return locator, asyncio.ensure_future(self.attachment.holders(locator))
+        return locator, asyncio.ensure_future(self.attachment.holders(locator, watching))
 
-    async def holders(self, info: VolumeInfo, ahead: Ahead | None = None) -> list[Holder]:
+    async def holders(
+        self,
+        info: VolumeInfo,
+        ahead: Ahead | None = None,
+        watching: asyncio.Future[set[str]] | None = None,
+    ) -> list[Holder]:
         locator = self.attachment.locate(info)
         if ahead is not None:
             guessed, task = ahead
             if guessed == locator:
                 return await task
             abandon(task)
-        return await self.attachment.holders(locator)
+        return await self.attachment.holders(locator, watching)
 
     def describe(self, record: MountRecord) -> str:
         return self.attachment.describe(record.locator)

@@ -427,11 +427,15 @@ class Leases:
             await self._update(pool, image, change)
         return claim
 
-    async def holders(self, pool: str, image: str) -> list[Holder]:
+    async def holders(
+        self, pool: str, image: str, watching: Awaitable[set[str]] | None = None
+    ) -> list[Holder]:
+        """The claims on ``image``, each judged alive by the watchers: ``watching`` when
+        given (read beside the lease by the caller), else read after the lease."""
         doc, _ = await self.read(pool, image)
         if doc.empty:
             return []
-        watchers = await self.watchers(pool, image)
+        watchers = await (watching or self.watchers(pool, image))
         claims = doc.claims()
         return [
             Holder(image, c.host, c.mode, c.since, tuple(c.addrs), self.alive(c, watchers))

@@ -548,15 +548,20 @@ class VolumeService:
 
     async def get(self, name: str) -> VolumeView:
         name = validate_name(name)
-        # Who holds it is read beside the volume itself (one round trip, not two in a row).
-        ahead = self.attacher.holders_ahead(name)
+        # Who holds it is read beside the volume itself (one round trip, not two in a
+        # row), and the holders are judged alive by the watchers the volume's read found.
+        watching: asyncio.Future[set[str]] = asyncio.get_running_loop().create_future()
+        ahead = self.attacher.holders_ahead(name, watching)
         try:
-            return await self._get(name, ahead)
+            return await self._get(name, ahead, watching)
         finally:
+            watching.cancel()  # a no-op once set
             if ahead is not None:
                 abandon(ahead[1])  # unless taken: a Get that failed, or a wrong guess
 
-    async def _get(self, name: str, ahead: Ahead | None) -> VolumeView:
+    async def _get(
+        self, name: str, ahead: Ahead | None, watching: asyncio.Future[set[str]]
+    ) -> VolumeView:
         try:
             with self.metrics.stage("inspect"):
                 info = await self.backend.inspect(name)
@@ -576,9 +581,10 @@ class VolumeService:
                 **self._mount_status(name),
             }
             return VolumeView(name, self.path(name), status, rfc3339(cached.get("created_at")))
+        watching.set_result(set(info.watcher_addrs))
         status = self._status(info)
         self.known.remember(name, status)
-        holders = await self._holders(info, ahead)
+        holders = await self._holders(info, ahead, watching)
         if holders:
             status["held_by"] = holders
         if name in self._trouble:
@@ -592,9 +598,11 @@ class VolumeService:
             status["qos_note"] = _qos_note(status.get("mapper"))
         return VolumeView(name, self.path(name), status, rfc3339(info.created_at))
 
-    async def _holders(self, info: VolumeInfo, ahead: Ahead | None) -> list[dict[str, Any]]:
+    async def _holders(
+        self, info: VolumeInfo, ahead: Ahead | None, watching: asyncio.Future[set[str]]
+    ) -> list[dict[str, Any]]:
         try:
-            holders = await self.attacher.holders(info, ahead)
+            holders = await self.attacher.holders(info, ahead, watching)
         except RbdPluginError as exc:
             log.warning("volume %s: cannot read its lease: %s", info.name, exc)
             return []

@@ -48,6 +48,8 @@ class VolumeInfo:
     # Ceph clients that have the image open (a mapping anywhere shows here), or the
     # servers a Cinder volume is attached to.
     watchers: tuple[str, ...] = ()
+    # Their client addresses as Ceph gives them (RBD only), which leases are judged by.
+    watcher_addrs: frozenset[str] = frozenset()
     # What Get should say about it beyond its spec (e.g. a size rounded up by Cinder).
     notes: tuple[str, ...] = ()
     snapshots: tuple[str, ...] = ()  # oldest first
@@ -258,8 +260,12 @@ class Attachment(Protocol):
         while the volume itself is read."""
         ...
 
-    async def holders(self, locator: Locator) -> list[Holder]:
-        """Every host's claim on the storage at ``locator``."""
+    async def holders(
+        self, locator: Locator, watching: Awaitable[set[str]] | None = None
+    ) -> list[Holder]:
+        """Every host's claim on the storage at ``locator``. ``watching``: the client
+        addresses Ceph shows watching it, from a caller that reads them anyway (Get);
+        else they are read when a claim needs judging."""
         ...
 
     def upgrade_record(self, entry: dict[str, Any]) -> dict[str, Any]:

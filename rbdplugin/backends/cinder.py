@@ -720,8 +720,10 @@ class CinderBackend:
     def likely_locator(self, name: str) -> Locator | None:
         return None  # a locator is a Cinder volume id: only a look-up by name tells it
 
-    async def holders(self, locator: Locator) -> list[Holder]:
-        volume = await self._get(locator)
+    async def holders(
+        self, locator: Locator, watching: Awaitable[set[str]] | None = None
+    ) -> list[Holder]:
+        volume = await self._get(locator)  # Cinder's attachments: no watchers to judge
         return [Holder(server, "rw", "", True) for server in volume.servers]
 
     def upgrade_record(self, entry: dict[str, Any]) -> dict[str, Any]:

@@ -424,6 +424,7 @@ class RbdBackend:
             formatted=_formatted(meta, marks),
             unformat_hint=self._unformat_hint(pool, header.image_id),
             watchers=tuple(f"{w['addr']} (client.{w['id']})" for w in watchers),
+            watcher_addrs=frozenset(str(w["addr"]) for w in watchers),
             snapshots=header.snapshots,
             linked=header.linked,
             renew_uuid=meta.get("renew_uuid") == "1" and not marks.get("uuid_renewed"),

@@ -102,8 +102,10 @@ class RbdAttachment:
             return None
         return {"pool": pools[0], "namespace": self.tenant.namespace, "image": name}
 
-    async def holders(self, locator: Locator) -> list[Holder]:
-        found = await self.leases.holders(locator["pool"], locator["image"])
+    async def holders(
+        self, locator: Locator, watching: Awaitable[set[str]] | None = None
+    ) -> list[Holder]:
+        found = await self.leases.holders(locator["pool"], locator["image"], watching)
         return [Holder(h.host, h.mode, h.since, h.alive) for h in found]
 
     def upgrade_record(self, entry: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import rbd
 from rbdplugin.devcluster import DevCluster
 from rbdplugin.units import GiB
 from tests.conftest import StartDaemon, tenant_toml
-from tests.helpers import Admin, DaemonProcess, unique
+from tests.helpers import Admin, DaemonProcess, mount_volume, unique, unmount_volume
 
 POOL = "alpha"
 
@@ -104,3 +104,49 @@ def test_get_never_answers_for_an_image_the_name_no_longer_has(
             for entry in rbd.RBD().trash_list(ioctx):
                 if entry["name"] == name:
                     rbd.RBD().trash_remove(ioctx, entry["id"], force=True)
+
+
+def _objecter_counters(root: Path) -> dict[str, int]:
+    """The tenant client's objecter counters (Ceph's own count of what it sent)."""
+    socks = glob.glob(f"{root}/asok/*.asok")
+    assert socks, "the daemon's client has no admin socket"
+    totals: dict[str, int] = {}
+    for sock in socks:
+        done = subprocess.run(
+            ["ceph", "--admin-daemon", sock, "perf", "dump", "objecter"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        for key, value in json.loads(done.stdout)["objecter"].items():
+            if isinstance(value, int):
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def test_get_of_a_mounted_volume_asks_who_watches_it_once(
+    cluster: DevCluster, daemon_factory: StartDaemon, short_tmp: Path
+) -> None:
+    """Its holders are judged alive by the watchers the volume's own read found, not by
+    a second list of them after the lease is read."""
+    root = short_tmp / unique("getw")
+    root.mkdir()
+    daemon = daemon_factory(
+        tenant_toml(cluster, POOL), wait_for=POOL, conf=_conf_with_admin_socket(cluster, root)
+    )
+    client, name = daemon.client(POOL), unique("watched")
+    assert client.create(name, {"size": "64M"}) == {"Err": ""}
+    mount_volume(client, name, "w")
+    try:
+        assert client.get(name)["Err"] == ""  # warm: ids known, handles open
+        gets = 10
+        before = _objecter_counters(root)
+        for _ in range(gets):
+            held = client.get(name)["Volume"]["Status"]["held_by"]
+            assert [h["alive"] for h in held] == [True], held
+        after = _objecter_counters(root)
+        # A watcher list is an "other" op to the objecter; the daemon's own background
+        # checks may add one or two meanwhile, a second list per Get would add ten.
+        listed = after["osdop_other"] - before["osdop_other"]
+        assert gets <= listed <= gets + 2, f"{listed} watcher lists for {gets} Gets"
+    finally:
+        unmount_volume(client, name, "w")
+        assert client.remove(name) == {"Err": ""}
