@@ -26,7 +26,15 @@ import pytest
 
 from rbdplugin.devcluster import DevCluster
 from tests import secretscan
-from tests.helpers import TEST_MAPPER, Admin, DaemonProcess, take_down_under, write_config
+from tests.helpers import (
+    LOG_TAIL_LINES,
+    TEST_MAPPER,
+    Admin,
+    DaemonProcess,
+    log_tails,
+    take_down_under,
+    write_config,
+)
 from tests.kernel import tier
 
 # alpha: trash policy (default); beta: delete; gamma: keep; delta: quotas.
@@ -103,6 +111,17 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     for root in secretscan.devcloud_roots_since(SESSION_STARTED):
         SECRETS.secrets.update(secretscan.devcloud_secrets(root))
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    # A failure under load is often a slow step only the daemon's log names, and the
+    # log goes with the session's folders: its tail goes into the failure's report.
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed:
+        for path, tail in log_tails(since=call.start - 1):
+            report.sections.append((f"daemon log {path} (last {LOG_TAIL_LINES} lines)", tail))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -96,12 +96,33 @@ def unique(prefix: str = "v") -> str:
     return f"{prefix}-{token[: 5 + int(token[-1], 16) % 12]}"
 
 
+# Every test daemon's log: a failed test's report shows the tails of those written
+# during it (tests/conftest.py), before the session's folders are gone.
+DAEMON_LOGS: set[Path] = set()
+LOG_TAIL_LINES = 80
+
+
+def log_tails(since: float) -> list[tuple[Path, str]]:
+    """The last lines of each test daemon's log written to at or after ``since``."""
+    tails = []
+    for path in sorted(DAEMON_LOGS):
+        try:
+            if path.stat().st_mtime < since:
+                continue
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:  # its folder is gone
+            continue
+        tails.append((path, "\n".join(lines[-LOG_TAIL_LINES:])))
+    return tails
+
+
 class DaemonProcess:
     """``rbdplugin serve --config FILE`` as a child process, its log in a file."""
 
     def __init__(
         self, config: Path, log_path: Path, socket_dir: Path, env: dict[str, str] | None = None
     ) -> None:
+        DAEMON_LOGS.add(log_path)
         self.config = config
         self.log_path = log_path
         self.socket_dir = socket_dir
