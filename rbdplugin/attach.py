@@ -102,7 +102,9 @@ class Attacher:
         # mark waits for it (a crash before it leaves the mkfs to be redone).
         self._owning: dict[str, asyncio.Event] = {}
         # Teardowns still running (past their caller's budget), by volume.
-        self._teardowns: dict[str, tuple[asyncio.Task[None], str]] = {}
+        # Each volume's clean-up running in the background: its task, since when, and the
+        # event that ends its wait before the next try.
+        self._teardowns: dict[str, tuple[asyncio.Task[None], str, asyncio.Event]] = {}
 
     def mountpoint(self, volume: str) -> Path:
         return self.mount_root / self.tenant.name / volume
@@ -169,19 +171,28 @@ class Attacher:
 
     # -- Mount ---------------------------------------------------------------------------
 
-    def refuse_while_cleaning(self, volume: str, what: str = "Mounts") -> None:
-        """A volume whose last teardown still runs takes no Mount (nor Remove) until that ends."""
+    async def await_cleaning(self, volume: str, what: str = "Mounts") -> None:
+        """A volume whose last teardown still runs takes no Mount (nor Remove) until that
+        ends. One waiting to try again (after an outage) tries now, and the caller waits
+        for it as an Unmount would: with Ceph back, the next Remove or Mount succeeds
+        rather than being refused until the retry's backoff (up to RETRY_MAX) has run."""
         running = self._teardowns.get(volume)
-        if running is not None and not running[0].done():
+        if running is None or running[0].done():
+            return
+        task, since, retry_now = running
+        retry_now.set()
+        with contextlib.suppress(TimeoutError, RbdPluginError):
+            await asyncio.wait_for(asyncio.shield(task), self.teardown_seconds)
+        if not task.done():
             raise VolumeBusy(
-                f"volume {volume!r}: the clean-up of its previous mount (started {running[1]}) "
+                f"volume {volume!r}: the clean-up of its previous mount (started {since}) "
                 f"is still running and took longer than its budget; it refuses {what} until "
                 "that ends. See `rbdplugin status` and the daemon's log for the stage it waits on"
             )
 
     async def add_reference(self, volume: str, mount_id: str) -> str | None:
         """Count one more Mount of a volume mounted here; None if it is not mounted."""
-        self.refuse_while_cleaning(volume)
+        await self.await_cleaning(volume)
         record = self.mounted(volume)
         if record is None:
             return None
@@ -203,7 +214,7 @@ class Attacher:
 
     async def mount(self, info: VolumeInfo, mount_id: str) -> str:
         """Map, format if blank, and mount a volume that is not mounted here yet."""
-        self.refuse_while_cleaning(info.name)
+        await self.await_cleaning(info.name)
         leftover = self.table.get(info.name)
         if leftover is not None:
             await self._owned_teardown(leftover)
@@ -570,8 +581,9 @@ class Attacher:
         work goes on regardless); past that the volume refuses Mounts until it ends.
         """
         orphaned = asyncio.Event()  # set once no caller waits for the outcome
-        task = asyncio.ensure_future(self._teardown_to_the_end(record, orphaned))
-        self._teardowns[record.volume] = (task, _now())
+        retry_now = asyncio.Event()
+        task = asyncio.ensure_future(self._teardown_to_the_end(record, orphaned, retry_now))
+        self._teardowns[record.volume] = (task, _now(), retry_now)
         task.add_done_callback(lambda done: self._teardown_ended(record.volume, done))
         try:
             await asyncio.wait_for(asyncio.shield(task), self.teardown_seconds)
@@ -591,22 +603,26 @@ class Attacher:
             ) from exc
 
     def _teardown_ended(self, volume: str, task: asyncio.Task[None]) -> None:
-        if self._teardowns.get(volume, (None, ""))[0] is task:
+        running = self._teardowns.get(volume)
+        if running is not None and running[0] is task:
             del self._teardowns[volume]
         if not task.cancelled() and task.exception() is not None:
             log.error("volume %s: clean-up failed: %s", volume, task.exception())
 
     def cleaning(self) -> dict[str, str]:
         """Volumes whose teardown still runs, and since when (for status)."""
-        return {v: since for v, (task, since) in self._teardowns.items() if not task.done()}
+        return {v: since for v, (task, since, _) in self._teardowns.items() if not task.done()}
 
-    async def _teardown_to_the_end(self, record: MountRecord, orphaned: asyncio.Event) -> None:
+    async def _teardown_to_the_end(
+        self, record: MountRecord, orphaned: asyncio.Event, retry_now: asyncio.Event
+    ) -> None:
         """``_teardown(record)``, tried again after a failure an outage explains once its
         caller has gone (a caller still waiting gets the error, as before).
 
         Nothing else would finish it: the Unmount was Docker's last word on the volume.
         Before each new try, tools of the last one still stuck in the kernel (a umount
-        flushing to a frozen OSD) must have gone: another try would only join them.
+        flushing to a frozen OSD) must have gone: another try would only join them. A
+        Mount or Remove of the volume (``retry_now``) cuts the wait between tries short.
         """
         delay, tries = RETRY_FIRST, 1
         while True:
@@ -622,7 +638,9 @@ class Attacher:
                 log.warning("volume %s: clean-up failed (%s); trying again in %.0f s, once no "
                             "tool is stuck in the kernel", record.volume, exc, delay)  # fmt: skip
             await stuck_gone()
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(retry_now.wait(), delay)
+            retry_now.clear()
             delay, tries = min(delay * 2, RETRY_MAX), tries + 1
 
     async def _teardown(self, record: MountRecord) -> None:

@@ -720,7 +720,7 @@ class VolumeService:
     async def remove(self, name: str) -> None:
         name = validate_name(name)
         async with self._volume(name, "removing"):
-            self.attacher.refuse_while_cleaning(name, "Removes")  # no container holds it
+            await self.attacher.await_cleaning(name, "Removes")  # no container holds it
             record = self.attacher.recorded(name)
             if record is not None:
                 raise VolumeBusy(

@@ -273,27 +273,30 @@ def test_an_unreadable_device_is_never_taken_for_blank(
 def test_a_slow_teardown_is_never_abandoned_nor_raced(
     cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path, faults: Faults
 ) -> None:
-    # A clean-up gets TEARDOWN s (4 s on the host) before the caller is answered, then goes on.
+    # A clean-up gets TEARDOWN s (4 s on the host) before the caller is answered, then goes
+    # on; a Mount or Remove meanwhile waits for it as long again, and is refused after that.
     state = short_tmp / unique("t") / "state"
     daemon = start(cluster, daemon_factory, state, faults)
     client, name = daemon.client("alpha"), unique("slow")
     assert client.create(name, {"size": "64M"}) == {"Err": ""}
     mount(client, name, "c")
-    faults.arm("slow", "umount", arg="3")
-    faults.arm("slow", *UNMAP_STAGE, arg="3")
+    # Two slow stages: the clean-up takes 2.5 x TEARDOWN in all.
+    faults.arm("slow", "umount", arg=str(TEARDOWN * 1.25))
+    faults.arm("slow", *UNMAP_STAGE, arg=str(TEARDOWN * 1.25))
     started = time.monotonic()
     err = client.call("VolumeDriver.Unmount", {"Name": name, "ID": "c"})["Err"]
     assert f"clean-up did not finish within {TEARDOWN} s; it goes on in the background" in err, err
     assert time.monotonic() - started < OP_TIMEOUT
-    # While that clean-up runs, the volume takes no Mount (it would race the clean-up).
-    err = client.call("VolumeDriver.Mount", {"Name": name, "ID": "d"})["Err"]
-    assert "clean-up of its previous mount" in err and "still running" in err, err
-    # Nor a Remove, which says why (no container uses it: it is the clean-up).
+    # A Remove waits for the clean-up, and is refused once its own share has run out,
+    # saying why (no container uses the volume: it is the clean-up).
+    asked = time.monotonic()
     err = client.remove(name)["Err"]
     assert "clean-up of its previous mount" in err and "refuses Removes" in err, err
-    wait_until(lambda: leftovers(daemon, admin, "alpha", name) == [], 15, "the clean-up")
-    faults.clear()
+    assert time.monotonic() - asked >= TEARDOWN - 0.5  # it waited before refusing
+    # A Mount waits for the rest of it rather than racing it, and then mounts afresh.
     path = Path(mount(client, name, "d"))
+    faults.clear()
+    assert time.monotonic() - started >= 2.5 * TEARDOWN  # only once the clean-up ended
     time.sleep(2)  # nothing left over may touch the new mount's record or lease now
     table = json.loads((state / "alpha" / "mounts.json").read_text())
     assert table[name]["counts"] == {"d": 1}

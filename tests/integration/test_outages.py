@@ -425,7 +425,10 @@ def test_every_call_answers_in_time_during_an_outage_and_all_recovers(
 
         def removed() -> bool:
             # An export killed after ignoring SIGTERM leaves its watch on the image for
-            # the OSD's watch timeout: meanwhile Remove says that the image is in use.
+            # the OSD's watch timeout: meanwhile Remove says that the image is in use. A
+            # clean-up still waiting to retry (its lease release failed while Ceph was
+            # away) retries when Remove comes, and Remove waits for it: never "still
+            # running" (it was, in a CI run, with the retry's back-off at 8 s).
             err = str(c.remove(leaving)["Err"])
             assert err == "" or "is in use" in err, err
             return err == ""
