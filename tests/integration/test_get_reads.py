@@ -32,6 +32,18 @@ def _conf_with_admin_socket(cluster: DevCluster, root: Path) -> Path:
     return conf
 
 
+def _daemon_with_admin_socket(
+    cluster: DevCluster, daemon_factory: StartDaemon, short_tmp: Path
+) -> tuple[DaemonProcess, Path]:
+    """A daemon whose tenant client has an admin socket under the folder returned."""
+    root = short_tmp / unique("asok")
+    root.mkdir()
+    daemon = daemon_factory(
+        tenant_toml(cluster, POOL), wait_for=POOL, conf=_conf_with_admin_socket(cluster, root)
+    )
+    return daemon, root
+
+
 def _objects_in_flight(root: Path) -> set[str]:
     found: set[str] = set()
     for sock in glob.glob(f"{root}/asok/*.asok"):
@@ -55,11 +67,7 @@ def _image_id(admin: Admin, name: str) -> str:
 def test_get_asks_for_the_id_and_the_records_in_one_round_trip(
     cluster: DevCluster, daemon_factory: StartDaemon, admin: Admin, short_tmp: Path
 ) -> None:
-    root = short_tmp / unique("getrt")
-    root.mkdir()
-    daemon = daemon_factory(
-        tenant_toml(cluster, POOL), wait_for=POOL, conf=_conf_with_admin_socket(cluster, root)
-    )
+    daemon, root = _daemon_with_admin_socket(cluster, daemon_factory, short_tmp)
     client, name = daemon.client(POOL), unique("rt")
     assert client.create(name, {"size": "1G"}) == {"Err": ""}
     assert client.get(name)["Err"] == ""
@@ -127,11 +135,7 @@ def test_get_of_a_mounted_volume_asks_who_watches_it_once(
 ) -> None:
     """Its holders are judged alive by the watchers the volume's own read found, not by
     a second list of them after the lease is read."""
-    root = short_tmp / unique("getw")
-    root.mkdir()
-    daemon = daemon_factory(
-        tenant_toml(cluster, POOL), wait_for=POOL, conf=_conf_with_admin_socket(cluster, root)
-    )
+    daemon, root = _daemon_with_admin_socket(cluster, daemon_factory, short_tmp)
     client, name = daemon.client(POOL), unique("watched")
     assert client.create(name, {"size": "64M"}) == {"Err": ""}
     mount_volume(client, name, "w")
