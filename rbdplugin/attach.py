@@ -101,9 +101,8 @@ class Attacher:
         # Volumes whose new filesystem's root is being owned as asked; their formatted
         # mark waits for it (a crash before it leaves the mkfs to be redone).
         self._owning: dict[str, asyncio.Event] = {}
-        # Teardowns still running (past their caller's budget), by volume.
-        # Each volume's clean-up running in the background: its task, since when, and the
-        # event that ends its wait before the next try.
+        # Teardowns still running (past their caller's budget), by volume: the task, since
+        # when, and the event that ends its wait before the next try.
         self._teardowns: dict[str, tuple[asyncio.Task[None], str, asyncio.Event]] = {}
 
     def mountpoint(self, volume: str) -> Path:
@@ -578,7 +577,8 @@ class Attacher:
         """Run ``_teardown(record)`` to its end as a task of its own.
 
         The caller waits at most ``teardown_seconds`` (also when it is cancelled: the
-        work goes on regardless); past that the volume refuses Mounts until it ends.
+        work goes on regardless); past that a Mount or Remove of the volume waits for it as
+        long again (:meth:`await_cleaning`), and is refused while it still runs.
         """
         orphaned = asyncio.Event()  # set once no caller waits for the outcome
         retry_now = asyncio.Event()
