@@ -129,7 +129,8 @@ class VolumeBackend(Protocol):
         ...
 
     async def names(self) -> list[str]:
-        """Every volume name, without opening each volume."""
+        """Every volume name, without opening each volume; only names Docker could give
+        (:func:`~rbdplugin.spec.is_volume_name`): List shows them unchecked."""
         ...
 
     async def resize(self, name: str, size: int) -> None:

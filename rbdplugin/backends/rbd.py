@@ -467,7 +467,8 @@ class RbdBackend:
                 if is_volume_name(name):
                     found.setdefault(name, None)
         for name in await self._companions():
-            found.setdefault(name, None)
+            if is_volume_name(name):  # the list's caller shows them as they are
+                found.setdefault(name, None)
         return list(found)
 
     async def resize(self, name: str, size: int) -> None:

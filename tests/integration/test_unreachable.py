@@ -8,6 +8,7 @@ monitor address where nothing listens.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import time
@@ -40,6 +41,13 @@ def test_get_and_list_answer_from_local_state(
     assert client.create(name, {"size": "16M"}) == {"Err": ""}
     assert client.get(name)["Err"] == ""
     live.stop()
+    # The known volumes are a cache a person may have edited: a name Docker could never
+    # have given, or a CreatedAt of the wrong type, must not break the whole List.
+    known = state / "outage" / "known-volumes.json"
+    entries = json.loads(known.read_text())
+    entries["bad name/.."] = {"created_at": "2026-11-30T12:01:02Z"}
+    entries[name] = {**entries[name], "created_at": ["not", "a", "time"]}
+    known.write_text(json.dumps(entries))
 
     dead = daemon_factory(
         tenants, wait_for="outage", state_dir=str(state),
@@ -53,7 +61,8 @@ def test_get_and_list_answer_from_local_state(
     assert status["size"] == "16M" and status["pool"] == "alpha"
     assert status["ceph"].startswith("unreachable: ")
     assert time.monotonic() - started < 30  # bounded by client_timeout, not hung
-    assert name in client.names()
+    listed = client.names()  # answered: the invalid name is left out, the volume listed
+    assert name in listed and "bad name/.." not in listed, listed
     # A volume the daemon never saw is an error that says why, not "not found".
     err = client.get(unique("never"))["Err"]
     assert "Ceph" in err and ("unreachable" in err or "cannot connect" in err)
