@@ -24,6 +24,7 @@ from bench.harness import DELETE_TENANT, TENANT, Env
 from bench.model import CaseResult
 from bench.proc import Footprint, MiB, footprint
 from bench.stats import absolute, growth_max, ratio_max, ratio_min
+from rbdplugin.ceph import LENS_HANDLES
 from rbdplugin.daemon import TRIM_SECONDS
 from tests.helpers import PluginClient
 
@@ -181,11 +182,32 @@ class Cases:
                 lambda _: call(ours_client), lambda _: call(bare_client),
             ])  # fmt: skip
             results.append(CaseResult(key, title, "s", "bare aiohttp handler", target, ours, floor))
+        results.append(self._get_cold(ours_client, bare_client))
         bare.stop()
         env.unmount("b-getm", mount_id)
         env.remove("b-getm")
         env.remove("b-get")
         return results
+
+    def _get_cold(self, ours_client: PluginClient, bare_client: PluginClient) -> CaseResult:
+        """Get of volumes asked in turn, more of them than the daemon keeps handles for:
+        each Get opens its image to list who watches it (see ``LENS_HANDLES``)."""
+        names = [f"b-getc-{k}" for k in range(3 * LENS_HANDLES)]
+        for name in names:
+            self.env.create(name, "1G")
+
+        def call(client: PluginClient, i: int) -> float:
+            body = {"Name": names[i % len(names)]}
+            return timed(lambda: client.call("VolumeDriver.Get", body))
+
+        ours, floor = interleave(self.n.api_warmup, self.n.api_reps, [
+            lambda i: call(ours_client, i), lambda i: call(bare_client, i),
+        ])  # fmt: skip
+        for name in names:
+            self.env.remove(name)
+        title = f"Get (existing, unmounted; {len(names)} volumes in turn)"
+        target = absolute(0.002, 0.010, "p50 ≤ 2 ms, p99 ≤ 10 ms")
+        return CaseResult("get_cold", title, "s", "bare aiohttp handler", target, ours, floor)
 
     # -- Create + Mount --------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CASES = {
-    "create", "create_cli", "get", "get_mounted", "capabilities", "path", "create_mount",
-    "parallel", "remove_trash", "remove_delete", "mount_1tib", "fio_seq_write",
+    "create", "create_cli", "get", "get_mounted", "get_cold", "capabilities", "path",
+    "create_mount", "parallel", "remove_trash", "remove_delete", "mount_1tib", "fio_seq_write",
     "fio_seq_read", "fio_rand_read", "fio_rand_write", "cycles_rss", "cycles_fds",
     "cycles_threads", "list", "rss_known", "restart_activate", "restart_ready", "cinder",
 }  # fmt: skip
