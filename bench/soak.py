@@ -528,8 +528,10 @@ def _ms(seconds: float) -> float | None:
     return None if math.isnan(seconds) else round(seconds * 1000, 2)
 
 
-def leaks(env: Env) -> dict[str, list[str]]:
-    """What is left under the soak's directory and in its pool, read by the system's tools."""
+def leaks(env: Env, orphans_before: set[tuple[str, str]]) -> dict[str, list[str]]:
+    """What is left under the soak's directory and in its pool, read by the system's tools.
+    A loop device orphaned during the soak (not before it) counts as the soak's: its
+    export's path is lost, so it cannot be told from its backing file."""
     inside = f"{env.root}/"
     admin = Admin(env.cluster.conf)
     try:
@@ -539,7 +541,10 @@ def leaks(env: Env) -> dict[str, list[str]]:
         admin.close()
     return {
         "mounts": [e["target"] for e in oracle.mountinfo() if e["target"].startswith(inside)],
-        "loops": [d for d, b in oracle.loop_devices().items() if b.startswith(inside)],
+        "loops": sorted(
+            [d for d, b in oracle.loop_devices().items() if b.startswith(inside)]
+            + [d for d, _ in oracle.orphan_loops() - orphans_before]
+        ),
         "exports": [str(p) for p in oracle.pids_of_program_with("qemu-storage-daemon", inside)],
         "images": images,
         "trash": trash,
@@ -633,10 +638,11 @@ def run_soak(
         root.mkdir(parents=True, exist_ok=True)
     env = Env(root)
     log(f"soak: work directory {env.root}")
+    orphans_before = oracle.orphan_loops()
     try:
         env.start()
         outcome = env.run(soak(env, settings, log))
-        outcome.leaks = leaks(env)
+        outcome.leaks = leaks(env, orphans_before)
         outcome.failures = judge(outcome)
         log_text = env.daemon.log_path.read_text(errors="replace") if env.daemon else ""
         internal = log_text.count("unexpected error")

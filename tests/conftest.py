@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from rbdplugin.devcluster import DevCluster
-from tests import secretscan
+from tests import oracle, secretscan
 from tests.helpers import (
     LOG_TAIL_LINES,
     TEST_MAPPER,
@@ -102,6 +103,10 @@ def pytest_configure(config: pytest.Config) -> None:
 SECRETS = secretscan.Scan()
 RECORDER = secretscan.Recorder(Path(tempfile.mkdtemp(prefix="rbdp-rec-", dir="/tmp")))
 SESSION_STARTED = time.time()
+# Loop devices orphaned before the session (see oracle.orphan_loops): any other one found
+# at its end was left by a test or a daemon it ran, and fails the session.
+ORPHANS_BEFORE = oracle.orphan_loops()
+ORPHANED: list[str] = []
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -129,7 +134,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         tier.RUN.cancel()
     SECRETS.scan_tree(RECORDER.root)
     shutil.rmtree(RECORDER.root, ignore_errors=True)
-    if SECRETS.findings or SECRETS.blind:
+    for device, _ in sorted(oracle.orphan_loops() - ORPHANS_BEFORE):
+        ORPHANED.append(device)
+        subprocess.run(["losetup", "--detach", device], check=False)
+    if SECRETS.findings or SECRETS.blind or ORPHANED:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -190,6 +198,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("NOT RUN", sep="=", yellow=True, bold=True)
         for line in lines:
             terminalreporter.write_line(line, yellow=True)
+    if ORPHANED:
+        terminalreporter.section("leaked loop devices", sep="=", red=True, bold=True)
+        terminalreporter.write_line(
+            f"LEAKED: {', '.join(ORPHANED)} stayed attached to FUSE exports whose mounts "
+            "were gone (backing file \"/\"); detached now", red=True,
+        )  # fmt: skip
     failed = bool(SECRETS.findings or SECRETS.blind)
     terminalreporter.section("secrets scan", sep="=", red=failed, bold=failed)
     terminalreporter.write_line(SECRETS.summary(), red=failed)

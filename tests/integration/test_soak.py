@@ -11,9 +11,11 @@ says of the bench).
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from bench.soak import VERBS, Settings, run_soak
+from tests.oracle import orphan_loops
 
 SETTINGS = Settings(clients=50, volumes=200, seconds=40, warmup=20, max_mounted=10,
                     sample_every=2.0)  # fmt: skip
@@ -39,3 +41,26 @@ def test_one_minute_soak_has_no_unexpected_errors_growth_or_leaks(short_tmp: Pat
     assert outcome.leaks == {"mounts": [], "loops": [], "exports": [], "images": [], "trash": []}
     report = json.loads(paths["json"].read_text())
     assert report["verbs"]["Get"]["target"] == "p50 ≤ 2 ms, p99 ≤ 10 ms"
+
+
+def test_a_loop_device_whose_export_mount_is_gone_counts_as_a_leak(short_tmp: Path) -> None:
+    """The soak's loop-device oracle: a FUSE export is mounted on its export file, so a
+    loop device left on it after the export's mount went away shows "/" as its backing
+    file and can no longer be tied to the soak's directory. Made here the same way, with
+    a bind mount of a file on itself instead of the FUSE export."""
+    before = orphan_loops()
+    export = short_tmp / "export"
+    export.write_bytes(b"\0" * (1 << 20))
+    subprocess.run(["mount", "--bind", str(export), str(export)], check=True)
+    device = ""
+    try:
+        device = subprocess.run(["losetup", "--find", "--show", str(export)], check=True,
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+        subprocess.run(["umount", "--lazy", str(export)], check=True)
+        with open(f"/sys/block/{device.removeprefix('/dev/')}/loop/backing_file") as fh:
+            assert fh.read().strip() == "/"  # read from sysfs, not through the oracle
+        assert {d for d, _ in orphan_loops() - before} == {device}
+    finally:
+        if device:
+            subprocess.run(["losetup", "--detach", device], check=False)
+        subprocess.run(["umount", "--lazy", str(export)], check=False, capture_output=True)
