@@ -273,17 +273,25 @@ def write_config(path: Path, text: str) -> Path:
 
 def take_down_under(root: Path) -> None:
     """Detach whatever is mounted, exported or looped under ``root`` (a failed test's
-    leftovers): a recursive delete must never walk into (and empty) a mounted volume."""
+    leftovers): a recursive delete must never walk into (and empty) a mounted volume.
+
+    In the order the daemon's Unmount takes: the filesystems on loop devices, then the
+    loop devices, then the export processes, then their FUSE mounts. A loop device whose
+    export's mount went first shows "/" as its backing file, and nothing can find it to
+    detach it any more (tests/oracle.py, ``orphan_loops``)."""
     inside = f"{root}/"
     for entry in reversed(oracle.mountinfo()):
-        if entry["target"].startswith(inside):
+        if entry["target"].startswith(inside) and entry["source"].startswith("/dev/loop"):
             subprocess.run(["umount", "--lazy", entry["target"]], check=False)
-    for pid in oracle.pids_of_program_with("qemu-storage-daemon", inside):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
     for device, backing in oracle.loop_devices().items():
         if backing.startswith(inside):
             subprocess.run(["losetup", "--detach", device], check=False)
+    for pid in oracle.pids_of_program_with("qemu-storage-daemon", inside):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for entry in reversed(oracle.mountinfo()):
+        if entry["target"].startswith(inside):
+            subprocess.run(["umount", "--lazy", entry["target"]], check=False)
 
 
 @contextlib.contextmanager
