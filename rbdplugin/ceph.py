@@ -58,7 +58,7 @@ THREADS_PER_TENANT = 8
 READ_THREADS_PER_TENANT = 4
 # Read-only librbd handles kept to answer Get's "who has it open" (a third of a MiB
 # each). Ceph 16's librados lists a header's watchers only in its C++ API, so any other
-# volume's Get opens the image (about ten round trips): the bench's "Get (cold)" row.
+# volume's Get opens the image (about ten round trips): the bench's get_cold case.
 LENS_HANDLES = 8
 PREDECESSOR_FENCE_SECONDS = 3600
 
