@@ -8,15 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests import oracle
 from tests.helpers import slow_fuse_file, take_down_under
-
-
-def _backing(device: str) -> str | None:
-    try:
-        with open(f"/sys/block/{device.removeprefix('/dev/')}/loop/backing_file") as fh:
-            return fh.read().strip()
-    except FileNotFoundError:  # detached
-        return None
 
 
 def test_a_looped_export_is_taken_down_without_orphaning_its_loop_device(
@@ -28,11 +21,11 @@ def test_a_looped_export_is_taken_down_without_orphaning_its_loop_device(
         device = subprocess.run(["losetup", "--find", "--show", str(export)], check=True,
                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
         try:
-            assert _backing(device) == str(export)
+            assert oracle.loop_devices().get(device) == str(export)
             take_down_under(root)
             # Read from sysfs: detached (it may take the kernel a moment), never "/".
             deadline = time.monotonic() + 10
-            while (left := _backing(device)) not in (None, ""):
+            while (left := oracle.loop_devices().get(device)) is not None:
                 assert left != "/", f"{device} was orphaned: its export's mount went first"
                 assert time.monotonic() < deadline, f"{device} is still attached to {left}"
                 time.sleep(0.05)
