@@ -1,15 +1,39 @@
-"""rbd-nbd: ``rbd device map -t nbd``; devices found through /sys/block/nbdN/pid."""
+"""rbd-nbd: ``rbd device map -t nbd``; devices found through /sys/block/nbdN/pid.
+
+rbd-nbd prints its device and exits (its daemon goes on) *before* that daemon has
+started serving the device (the kernel's NBD_DO_IT, which writes the device's pid file).
+Usually the daemon is there by the time we look; under load it may not be yet. And the
+kernel can let it set up a device that a mapping whose rbd-nbd died still holds open
+(mounted): its check is that the same task set the device up, compared by a task
+pointer the dead rbd-nbd left behind, which a new task may be given again. The daemon
+then finds the device taken (the dead mapping's pid) and exits, having printed it. So
+the device counts as ours only once its pid file names a live rbd-nbd serving the image,
+and when our daemon is gone without that, the map is run again: the kernel then skips
+the held device.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from pathlib import Path
 
-from rbdplugin.errors import VolumeBusy
+from rbdplugin.errors import ProcessError, VolumeBusy
 from rbdplugin.mapping import ImageRef, MappedDevice, MapperUnavailable
-from rbdplugin.mapping.rbdcli import Diagnosis, RbdDeviceMapper, translate_map_error
-from rbdplugin.mapping.scan import cmdline, read
+from rbdplugin.mapping.rbdcli import (
+    Diagnosis,
+    RbdDeviceMapper,
+    printed_devices,
+    translate_map_error,
+)
+from rbdplugin.mapping.scan import cmdline, processes, read
+
+log = logging.getLogger(__name__)
 
 PROGRAM = "rbd-nbd"
+MAP_ATTEMPTS = 3  # a held device is skipped the next time; three runs leave no doubt
+POLL = 0.05  # seconds between looks at a starting rbd-nbd
 
 
 class NbdMapper(RbdDeviceMapper):
@@ -64,6 +88,72 @@ class NbdMapper(RbdDeviceMapper):
                 f"not {mapped.image}"
             )
         return None
+
+    async def map_and_find(self, image: ImageRef, read_only: bool, deadline: float) -> MappedDevice:
+        attempt = 1
+        while True:
+            held = self._pid_files()
+            done = await self.run_map(image, read_only, deadline)
+            printed = printed_devices(done.stdout)
+            if not printed:
+                raise ProcessError(f"rbd-nbd mapped {image.spec} but printed no device",
+                                   output=done.stdout + done.stderr)  # fmt: skip
+            device = printed[-1]
+            found = await self._await_server(image, device, held.get(device, ""), deadline)
+            if found is not None:
+                return found
+            holder = held.get(device, "")
+            if not holder or attempt == MAP_ATTEMPTS:
+                raise ProcessError(self._not_served(image, device, holder, attempt))
+            log.warning("image %s: rbd-nbd chose %s, which a mapping whose rbd-nbd "
+                        "(pid %s) is gone still holds open, and could not serve it there; "
+                        "mapping again (attempt %d of %d)",
+                        image.spec, device, holder, attempt + 1, MAP_ATTEMPTS)  # fmt: skip
+            attempt += 1
+
+    async def _await_server(
+        self, image: ImageRef, device: str, held_by: str, deadline: float
+    ) -> MappedDevice | None:
+        """The mapping once ``device``'s pid file names a new rbd-nbd serving ``image``;
+        None when no rbd-nbd of ``image`` is left starting (it gave up) or time is up."""
+        pid_file = self.host.sys / "block" / device.removeprefix("/dev/") / "pid"
+        while True:
+            pid = read(pid_file)
+            if pid.isdigit() and pid != held_by:
+                argv = cmdline(self.host, int(pid))
+                if _is_rbd_nbd(argv) and _serves(argv, image.spec):
+                    return MappedDevice(self.name, image.spec, device, {"pid": int(pid)})
+            if not self._starting(image) or time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(POLL)
+
+    def _pid_files(self) -> dict[str, str]:
+        """/dev/nbdN -> its pid file's text, for every nbd device that has one."""
+        found = {}
+        for entry in (self.host.sys / "block").glob("nbd*"):
+            pid = read(entry / "pid")
+            if pid:
+                found[f"/dev/{entry.name}"] = pid
+        return found
+
+    def _starting(self, image: ImageRef) -> list[int]:
+        """rbd-nbd daemons of ``image`` that serve no device (yet)."""
+        serving = set(self._pid_files().values())
+        return [
+            pid
+            for pid in processes(self.host, PROGRAM, lambda arg: arg == image.spec)
+            if str(pid) not in serving and _serves(cmdline(self.host, pid), image.spec)
+        ]
+
+    def _not_served(self, image: ImageRef, device: str, holder: str, attempts: int) -> str:
+        where = f"rbd-nbd mapped {image.spec} at {device}, but no rbd-nbd serves it there"
+        if not holder:
+            return f"{where} (its daemon exited at once; see the rbd-nbd log)"
+        return (
+            f"{where} after {attempts} attempt(s): {device} is still held open by a mapping "
+            f"whose rbd-nbd (pid {holder}) is gone; unmount what uses it (findmnt {device}) "
+            f"and unmap it (rbd device unmap -t nbd {device})"
+        )
 
     async def find_all(self, image: ImageRef) -> list[MappedDevice]:
         found = []

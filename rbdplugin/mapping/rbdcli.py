@@ -22,7 +22,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from rbdplugin.devices import Devices
-from rbdplugin.errors import CephUnavailable, PermissionDenied, ProcessError, VolumeBusy
+from rbdplugin.errors import (
+    CephUnavailable,
+    DeadlineExceeded,
+    PermissionDenied,
+    ProcessError,
+    VolumeBusy,
+)
 from rbdplugin.mapping import (
     HostPaths,
     ImageRef,
@@ -30,7 +36,7 @@ from rbdplugin.mapping import (
     MapperUnavailable,
     await_device_size,
 )
-from rbdplugin.process import Command, Runner
+from rbdplugin.process import Command, Completed, Runner
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +84,11 @@ class RbdDeviceMapper(ABC):
 
     async def map(self, image: ImageRef, read_only: bool = False) -> MappedDevice:
         """Map, then wait (one deadline in all) until udev has made the device ready."""
-        started = time.monotonic()
+        deadline = time.monotonic() + self.timeout
         # Watch before mapping: the device's udev event must not slip by unseen.
         async with self.devices.watch() as watch:
-            before = {m.device for m in await self.find_all(image)}
-            try:
-                command = Command(self.map_command(image, read_only), timeout=self.timeout)
-                done = await self.runner(command)
-            except ProcessError as exc:
-                raise self.map_error(image, read_only, exc.output) from exc
-            found = self._made(image, done.stdout, before, await self.find_all(image))
-            left = max(self.timeout - (time.monotonic() - started), 0.0)
+            found = await self.map_and_find(image, read_only, deadline)
+            left = max(deadline - time.monotonic(), 0.0)
             node = str(self.host.dev / found.device.removeprefix("/dev/"))
             try:
                 await watch.wait_for(node, f"the {self.name} map of {image.spec}", left)
@@ -97,13 +97,31 @@ class RbdDeviceMapper(ABC):
                 raise
         return found
 
+    async def map_and_find(self, image: ImageRef, read_only: bool, deadline: float) -> MappedDevice:
+        """Run the map command once; the device it made (rbd-nbd's mapper says more)."""
+        before = {m.device for m in await self.find_all(image)}
+        done = await self.run_map(image, read_only, deadline)
+        return self._made(image, done.stdout, before, await self.find_all(image))
+
+    async def run_map(self, image: ImageRef, read_only: bool, deadline: float) -> Completed:
+        """The map command, within what is left of ``deadline``; failures translated."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"cannot map {image.spec}: no time left of the {self.timeout:.0f} s deadline"
+            )
+        try:
+            return await self.runner(Command(self.map_command(image, read_only), timeout=left))
+        except ProcessError as exc:
+            raise self.map_error(image, read_only, exc.output) from exc
+
     def _made(
         self, image: ImageRef, stdout: str, before: set[str], now: list[MappedDevice]
     ) -> MappedDevice:
         """The device this map made: not one that mapped the image before (another
         client's read-only map, on this kernel), preferably the one the tool printed."""
         new = [m for m in now if m.device not in before]
-        printed = [line.strip() for line in stdout.splitlines() if line.startswith("/dev/")]
+        printed = printed_devices(stdout)
         for mapped in new:
             if printed and mapped.device == printed[-1]:
                 return mapped
@@ -147,6 +165,11 @@ class RbdDeviceMapper(ABC):
                     f"cannot unmap {mapped.device} ({mapped.image}): the device is still in use"
                 ) from exc
             raise
+
+
+def printed_devices(stdout: str) -> list[str]:
+    """The device paths a map command printed, in order."""
+    return [line.strip() for line in stdout.splitlines() if line.startswith("/dev/")]
 
 
 _SUGGESTION = re.compile(r'"(rbd feature disable [^"]+)"')

@@ -528,3 +528,70 @@ def test_fuse_unmap_reads_only_its_recorded_loop_device(
         asyncio.run(FuseMapper(runner, host, tmp_path, timeout=2).unmap(mapped))
         assert runner.calls == [["losetup", "--detach", "/dev/loop5"]]
         assert len(scans) == expected_scans
+
+
+# -- nbd: the device rbd-nbd printed is ours only once an rbd-nbd of ours serves it ------
+
+SERVER = b"/usr/bin/rbd-nbd\0--id\0tenant\0map\0tenant/vol1\0--exclusive\0"
+INIT: dict[str, str | bytes] = {"proc/1/cmdline": b"/sbin/init\0"}
+
+
+def test_nbd_maps_again_when_its_device_is_held_by_a_dead_mapping(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nbd0's rbd-nbd (pid 4000) died; a filesystem still holds nbd0 open, so the kernel
+    # keeps its pid file. rbd-nbd was let set nbd0 up, printed it, and its daemon exited
+    # (the device was taken). The second run gets nbd1, served by pid 5001.
+    host = write(tmp_path, {"sys/block/nbd0/pid": "4000\n", "sys/block/nbd1/size": "0\n",
+                            "dev/nbd0": "", "dev/nbd1": "", **INIT})  # fmt: skip
+
+    def second_run_gets_nbd1(command: Command) -> None:
+        if len(runner.calls) == 2:
+            write(tmp_path, {"sys/block/nbd1/pid": "5001\n", "proc/5001/cmdline": SERVER})
+
+    runner = FakeRunner((0, "/dev/nbd0\n", ""), (0, "/dev/nbd1\n", ""),
+                        on_call=second_run_gets_nbd1)  # fmt: skip
+    with caplog.at_level("WARNING"):
+        mapped = asyncio.run(NbdMapper(runner, host, 10).map(IMAGE))
+    assert mapped == MappedDevice("nbd", "tenant/vol1", "/dev/nbd1", {"pid": 5001})
+    assert [call[:3] for call in runner.calls] == [["rbd", "device", "map"]] * 2
+    assert (
+        "rbd-nbd chose /dev/nbd0, which a mapping whose rbd-nbd (pid 4000) is gone" in caplog.text
+    )
+
+
+def test_nbd_waits_for_its_daemon_to_start_serving_the_printed_device(tmp_path: Path) -> None:
+    # rbd-nbd printed nbd1 and exited; its daemon (pid 5002) has not reached the kernel yet.
+    host = write(tmp_path, {"sys/block/nbd1/size": "0\n", "dev/nbd1": ""})
+
+    def daemon_starts_late(command: Command) -> None:
+        write(tmp_path, {"proc/5002/cmdline": SERVER})
+        late: dict[str, str | bytes] = {"sys/block/nbd1/pid": "5002\n"}
+        asyncio.get_running_loop().call_later(0.3, write, tmp_path, late)
+
+    runner = FakeRunner((0, "/dev/nbd1\n", ""), on_call=daemon_starts_late)
+    mapped = asyncio.run(NbdMapper(runner, host, 10).map(IMAGE))
+    assert mapped == MappedDevice("nbd", "tenant/vol1", "/dev/nbd1", {"pid": 5002})
+    assert len(runner.calls) == 1
+
+
+def test_nbd_gives_up_on_a_held_device_with_what_to_do(tmp_path: Path) -> None:
+    host = write(tmp_path, {"sys/block/nbd0/pid": "4000\n", "dev/nbd0": "", **INIT})
+    runner = FakeRunner(*[(0, "/dev/nbd0\n", "")] * 3)
+    with pytest.raises(ProcessError) as failed:
+        asyncio.run(NbdMapper(runner, host, 10).map(IMAGE))
+    assert len(runner.calls) == 3
+    assert str(failed.value) == (
+        "rbd-nbd mapped tenant/vol1 at /dev/nbd0, but no rbd-nbd serves it there after 3 "
+        "attempt(s): /dev/nbd0 is still held open by a mapping whose rbd-nbd (pid 4000) is "
+        "gone; unmount what uses it (findmnt /dev/nbd0) and unmap it "
+        "(rbd device unmap -t nbd /dev/nbd0)"
+    )
+
+
+def test_nbd_daemon_that_exits_on_a_free_device_is_not_retried(tmp_path: Path) -> None:
+    host = write(tmp_path, {"sys/block/nbd1/size": "0\n", "dev/nbd1": "", **INIT})
+    runner = FakeRunner((0, "/dev/nbd1\n", ""))
+    with pytest.raises(ProcessError, match=r"at /dev/nbd1, but no rbd-nbd serves it there \(its"):
+        asyncio.run(NbdMapper(runner, host, 10).map(IMAGE))
+    assert len(runner.calls) == 1
