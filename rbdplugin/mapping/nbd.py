@@ -99,10 +99,10 @@ class NbdMapper(RbdDeviceMapper):
                 raise ProcessError(f"rbd-nbd mapped {image.spec} but printed no device",
                                    output=done.stdout + done.stderr)  # fmt: skip
             device = printed[-1]
-            found = await self._await_server(image, device, held.get(device, ""), deadline)
+            holder = held.get(device, "")
+            found = await self._await_server(image, device, holder, deadline)
             if found is not None:
                 return found
-            holder = held.get(device, "")
             if not holder or attempt == MAP_ATTEMPTS:
                 raise ProcessError(self._not_served(image, device, holder, attempt))
             log.warning("image %s: rbd-nbd chose %s, which a mapping whose rbd-nbd "
@@ -148,7 +148,7 @@ class NbdMapper(RbdDeviceMapper):
     def _not_served(self, image: ImageRef, device: str, holder: str, attempts: int) -> str:
         where = f"rbd-nbd mapped {image.spec} at {device}, but no rbd-nbd serves it there"
         if not holder:
-            return f"{where} (its daemon exited at once; see the rbd-nbd log)"
+            return f"{where} (its daemon exited, or was not serving it in time; see its log)"
         return (
             f"{where} after {attempts} attempt(s): {device} is still held open by a mapping "
             f"whose rbd-nbd (pid {holder}) is gone; unmount what uses it (findmnt {device}) "

@@ -592,6 +592,8 @@ def test_nbd_gives_up_on_a_held_device_with_what_to_do(tmp_path: Path) -> None:
 def test_nbd_daemon_that_exits_on_a_free_device_is_not_retried(tmp_path: Path) -> None:
     host = write(tmp_path, {"sys/block/nbd1/size": "0\n", "dev/nbd1": "", **INIT})
     runner = FakeRunner((0, "/dev/nbd1\n", ""))
-    with pytest.raises(ProcessError, match=r"at /dev/nbd1, but no rbd-nbd serves it there \(its"):
+    with pytest.raises(
+        ProcessError, match=r"at /dev/nbd1, but no rbd-nbd serves it there \(its daemon exited"
+    ):
         asyncio.run(NbdMapper(runner, host, 10).map(IMAGE))
     assert len(runner.calls) == 1
