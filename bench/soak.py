@@ -528,7 +528,7 @@ def _ms(seconds: float) -> float | None:
     return None if math.isnan(seconds) else round(seconds * 1000, 2)
 
 
-def leaks(env: Env, orphans_before: set[tuple[str, str]]) -> dict[str, list[str]]:
+def leaks(env: Env, orphans_before: set[str]) -> dict[str, list[str]]:
     """What is left under the soak's directory and in its pool, read by the system's tools.
     A loop device orphaned during the soak (not before it) counts as the soak's: its
     export's path is lost, so it cannot be told from its backing file."""
@@ -543,7 +543,7 @@ def leaks(env: Env, orphans_before: set[tuple[str, str]]) -> dict[str, list[str]
         "mounts": [e["target"] for e in oracle.mountinfo() if e["target"].startswith(inside)],
         "loops": sorted(
             [d for d, b in oracle.loop_devices().items() if b.startswith(inside)]
-            + [d for d, _ in oracle.orphan_loops() - orphans_before]
+            + list(oracle.orphan_loops() - orphans_before)
         ),
         "exports": [str(p) for p in oracle.pids_of_program_with("qemu-storage-daemon", inside)],
         "images": images,

@@ -134,7 +134,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         tier.RUN.cancel()
     SECRETS.scan_tree(RECORDER.root)
     shutil.rmtree(RECORDER.root, ignore_errors=True)
-    for device, _ in sorted(oracle.orphan_loops() - ORPHANS_BEFORE):
+    for device in sorted(oracle.orphan_loops() - ORPHANS_BEFORE):
         ORPHANED.append(device)
         subprocess.run(["losetup", "--detach", device], check=False)
     if SECRETS.findings or SECRETS.blind or ORPHANED:

@@ -71,11 +71,11 @@ def loop_devices() -> dict[str, str]:
     return found
 
 
-def orphan_loops() -> set[tuple[str, str]]:
+def orphan_loops() -> set[str]:
     """Loop devices whose backing file shows as "/": a FUSE export (mounted on its export
     file) whose mount went away under a loop device still attached to it. Nothing can
     tie such a device to its volume or folder any more: a leak, if it is new."""
-    return {(dev, backing) for dev, backing in loop_devices().items() if backing == "/"}
+    return {dev for dev, backing in loop_devices().items() if backing == "/"}
 
 
 def loops_backed_by(path: str | Path) -> list[str]:

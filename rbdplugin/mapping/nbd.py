@@ -119,10 +119,8 @@ class NbdMapper(RbdDeviceMapper):
         pid_file = self.host.sys / "block" / device.removeprefix("/dev/") / "pid"
         while True:
             pid = read(pid_file)
-            if pid.isdigit() and pid != held_by:
-                argv = cmdline(self.host, int(pid))
-                if _is_rbd_nbd(argv) and _serves(argv, image.spec):
-                    return MappedDevice(self.name, image.spec, device, {"pid": int(pid)})
+            if pid != held_by and self._serves_image(pid, image):
+                return MappedDevice(self.name, image.spec, device, {"pid": int(pid)})
             if not self._starting(image) or time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(POLL)
@@ -130,7 +128,7 @@ class NbdMapper(RbdDeviceMapper):
     def _pid_files(self) -> dict[str, str]:
         """/dev/nbdN -> its pid file's text, for every nbd device that has one."""
         found = {}
-        for entry in (self.host.sys / "block").glob("nbd*"):
+        for entry in sorted((self.host.sys / "block").glob("nbd*")):
             pid = read(entry / "pid")
             if pid:
                 found[f"/dev/{entry.name}"] = pid
@@ -142,8 +140,15 @@ class NbdMapper(RbdDeviceMapper):
         return [
             pid
             for pid in processes(self.host, PROGRAM, lambda arg: arg == image.spec)
-            if str(pid) not in serving and _serves(cmdline(self.host, pid), image.spec)
+            if str(pid) not in serving and self._serves_image(str(pid), image)
         ]
+
+    def _serves_image(self, pid: str, image: ImageRef) -> bool:
+        """``pid`` (a pid file's text) is a live rbd-nbd serving ``image``."""
+        if not pid.isdigit():
+            return False
+        argv = cmdline(self.host, int(pid))
+        return _is_rbd_nbd(argv) and _serves(argv, image.spec)
 
     def _not_served(self, image: ImageRef, device: str, holder: str, attempts: int) -> str:
         where = f"rbd-nbd mapped {image.spec} at {device}, but no rbd-nbd serves it there"
@@ -156,17 +161,11 @@ class NbdMapper(RbdDeviceMapper):
         )
 
     async def find_all(self, image: ImageRef) -> list[MappedDevice]:
-        found = []
-        for entry in sorted((self.host.sys / "block").glob("nbd*")):
-            pid = read(entry / "pid")
-            if not pid.isdigit():
-                continue
-            argv = cmdline(self.host, int(pid))
-            if _is_rbd_nbd(argv) and _serves(argv, image.spec):
-                found.append(
-                    MappedDevice(self.name, image.spec, f"/dev/{entry.name}", {"pid": int(pid)})
-                )
-        return found
+        return [
+            MappedDevice(self.name, image.spec, device, {"pid": int(pid)})
+            for device, pid in self._pid_files().items()
+            if self._serves_image(pid, image)
+        ]
 
 
 def _is_rbd_nbd(argv: list[str]) -> bool:
